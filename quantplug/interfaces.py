@@ -1,0 +1,300 @@
+"""Component base classes: the typed objects plugins register and the engine calls directly.
+
+Every component class has a lowercase ``name``, a nested frozen ``Config`` dataclass holding its
+options, and a docstring citing its source. Registration happens once per session through the
+``register_*`` hooks; after that the engine calls methods on these objects, never ``pm.hook``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from quantplug.config import QuantSpec
+from quantplug.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """Config of a component that takes no options."""
+
+
+class Component:
+    """Base of every component kind."""
+
+    kind: ClassVar[str] = "component"
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoOptions
+
+    def __init__(self, config: Any = None) -> None:
+        self.config = config if config is not None else self.Config()
+
+    @classmethod
+    def make_config(cls, options: Mapping[str, Any] | None) -> Any:
+        """Build the ``Config`` from a mapping, rejecting unknown option names with a clear message."""
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigError(
+                f"{cls.kind} {cls.name!r} has no option(s) {sorted(unknown)}; its options are {sorted(known) or 'none'}"
+            )
+        try:
+            return cls.Config(**options)
+        except TypeError as exc:  # wrong types surface here
+            raise ConfigError(f"bad options for {cls.kind} {cls.name!r}: {exc}") from exc
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        doc = (cls.__doc__ or "").strip()
+        return {
+            "kind": cls.kind,
+            "name": cls.name,
+            "summary": doc.splitlines()[0] if doc else "",
+            "doc": doc,
+            "options": {f.name: _default_repr(f) for f in dataclasses.fields(cls.Config)},
+        }
+
+
+def _default_repr(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+# --------------------------------------------------------------------------- observers
+class Observer(Component):
+    """Collects statistics of one tensor and turns them into a scale and zero point.
+
+    One instance per quantized tensor. ``observe`` sees the tensor reshaped into rows, one row per
+    quantization group (``[1, N]`` per-tensor, ``[C, N]`` per-channel, ``[G, group_size]`` per-group);
+    ``compute`` returns ``(scale, zero_point)``, each of shape ``[rows]``, zero points integer-valued floats.
+    """
+
+    kind = "observer"
+
+    def __init__(self, spec: QuantSpec, config: Any = None) -> None:
+        super().__init__(config)
+        self.spec = spec
+
+    def observe(self, rows: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- rounding
+class WeightRounder(nn.Module):
+    """Per-layer rounding state: produces the fake-quantized weight, a regularizer, and hard integer codes."""
+
+    def forward(self) -> torch.Tensor:  # fake-quantized weight, same shape as the layer's weight
+        raise NotImplementedError
+
+    def regularization(self, progress: float) -> torch.Tensor | None:
+        """Extra loss term at ``progress`` in [0, 1] of the unit's iterations (None: no term)."""
+        return None
+
+    def hard_codes(self) -> torch.Tensor:
+        """Final integer codes (grid indices including the zero point), shape of the weight."""
+        raise NotImplementedError
+
+
+class Rounding(Component):
+    """Decides how weights land on the quantization grid."""
+
+    kind = "rounding"
+    learnable: ClassVar[bool] = False
+
+    def attach(self, layer: nn.Module) -> WeightRounder:
+        """Create the rounding state for a quantized layer (``QuantConv2d`` / ``QuantLinear``)."""
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- loss
+@dataclass
+class LossContext:
+    """Per-batch extras a loss may use: cached tensors it asked for, and the iteration progress."""
+
+    extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    progress: float = 0.0
+
+
+class ReconstructionLoss(Component):
+    """Objective between the quantized unit's output and the full-precision target."""
+
+    kind = "loss"
+    #: names of per-sample tensors the engine must cache for this loss (see ``capture_extras``)
+    extra_keys: ClassVar[tuple[str, ...]] = ()
+
+    def capture_extras(self, run: Any, unit: Any, fp_outputs: torch.Tensor, batch: Any) -> Mapping[str, torch.Tensor]:
+        """Compute per-sample extras (e.g. squared task-loss gradients for the Fisher loss)."""
+        return {}
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor, context: LossContext) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- scheduler
+@dataclass(frozen=True)
+class UnitSpec:
+    """One node of a model's structure as an adapter describes it.
+
+    ``modules`` are the qualified names of the submodules executed one after another to run this
+    block; ``layers`` are the quantizable layers inside it; ``stage`` groups consecutive blocks.
+    The list of blocks an adapter returns is a chain: each block's output is the next one's input.
+    """
+
+    name: str
+    modules: tuple[str, ...]
+    layers: tuple[str, ...]
+    stage: str = ""
+    kind: str = "block"
+
+
+@dataclass(frozen=True)
+class ReconUnit:
+    """What the engine reconstructs in one go: consecutive blocks, or a single layer."""
+
+    name: str
+    blocks: tuple[str, ...] = ()
+    layer: str | None = None
+
+    @property
+    def is_layer(self) -> bool:
+        return self.layer is not None
+
+
+class GranularityScheduler(Component):
+    """Reconstruction granularity: which units are reconstructed, in which order."""
+
+    kind = "scheduler"
+
+    def plan(self, blocks: Sequence[UnitSpec]) -> list[ReconUnit]:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- activation policy
+class ActivationPolicy(Component):
+    """Which activations are quantized while a unit is reconstructed (QDrop's drop, NWQ's mixup...)."""
+
+    kind = "activation_policy"
+    #: the engine caches the unit's full-precision inputs too when True
+    needs_fp_inputs: ClassVar[bool] = False
+
+    def begin(self, quantizers: Sequence[nn.Module], generator: torch.Generator | None = None) -> None:
+        """Configure the input quantizers of the unit about to be reconstructed."""
+
+    def step(self, progress: float) -> None:
+        """Called before each iteration with progress in [0, 1]."""
+
+    def mix_unit_input(self, quant_input: torch.Tensor, fp_input: torch.Tensor | None) -> torch.Tensor:
+        """The unit's input for this iteration, from the quantized-model and full-precision inputs."""
+        return quant_input
+
+    def end(self, quantizers: Sequence[nn.Module]) -> None:
+        """Restore plain quantization after the unit is done."""
+        for q in quantizers:
+            q.mixer = None
+
+
+# --------------------------------------------------------------------------- data
+class DataTransform(Component):
+    """Changes calibration inputs of a unit before reconstruction (e.g. PD-Quant distribution correction)."""
+
+    kind = "data_transform"
+
+    def apply(self, run: Any, unit: ReconUnit, inputs: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class DataSource(Component):
+    """Provides datasets for calibration and evaluation from a data spec string."""
+
+    kind = "data_source"
+    prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def can_load(self, spec: str) -> bool:
+        return any(spec == p or spec.startswith(p + ":") for p in self.prefixes)
+
+    def load(self, spec: str, split: str, *, num_samples: int | None, seed: int) -> torch.utils.data.Dataset:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------- models
+class ModelAdapter(Component):
+    """Loads a model family and tells the engine its structure, forward, task loss and metrics."""
+
+    kind = "model_adapter"
+    prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def can_load(self, model_id: str) -> bool:
+        return any(model_id.startswith(p + ":") for p in self.prefixes)
+
+    def load(self, model_id: str, *, device: torch.device, options: Mapping[str, Any] | None = None) -> nn.Module:
+        raise NotImplementedError
+
+    def default_data(self, model_id: str) -> str | None:
+        """The data spec used when the user gives none (None: data is required)."""
+        return None
+
+    def blocks(self, model: nn.Module) -> list[UnitSpec]:
+        raise NotImplementedError
+
+    def block_module(self, model: nn.Module, block: UnitSpec) -> nn.Module:
+        """An executable module running ``block``'s submodules in sequence."""
+        mods = [model.get_submodule(n) for n in block.modules]
+        return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
+
+    def prepare_batch(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
+        """Split a data-loader batch into (model input, target) on ``device``."""
+        inputs, targets = batch
+        return inputs.to(device), targets.to(device)
+
+    def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        return model(inputs)
+
+    def task_loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(outputs, targets)
+
+    def metrics(self, outputs: torch.Tensor, targets: Any) -> dict[str, float]:
+        """Per-batch metric sums; ``evaluate`` adds them over batches and divides by the sample count."""
+        raise NotImplementedError
+
+    def fold_batchnorm(self, model: nn.Module) -> nn.Module:
+        from quantplug.bn_fold import fold_batchnorm
+
+        return fold_batchnorm(model)
+
+
+class Exporter(Component):
+    """Writes a deployable artifact from a quantized model."""
+
+    kind = "exporter"
+
+    def export(self, model: nn.Module, run_dir: Any, out_dir: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+COMPONENT_KINDS: dict[str, type[Component]] = {
+    "observer": Observer,
+    "rounding": Rounding,
+    "loss": ReconstructionLoss,
+    "scheduler": GranularityScheduler,
+    "activation_policy": ActivationPolicy,
+    "data_transform": DataTransform,
+    "data_source": DataSource,
+    "model_adapter": ModelAdapter,
+    "exporter": Exporter,
+}
+
+
+def iter_component_kinds() -> Iterable[str]:
+    return COMPONENT_KINDS.keys()
