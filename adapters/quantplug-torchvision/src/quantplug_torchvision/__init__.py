@@ -1,0 +1,1 @@
+"""quantplug adapter for torchvision models (Fashion-MNIST model zoo, data helpers)."""
