@@ -84,7 +84,8 @@ class Observer(Component):
         super().__init__(config)
         self.spec = spec
 
-    def observe(self, rows: torch.Tensor) -> None:
+    def observe(self, rows: torch.Tensor, batch_size: int | None = None) -> None:
+        """Accumulate statistics of one batch; ``batch_size`` is the number of samples in it (activations)."""
         raise NotImplementedError
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +114,11 @@ class Rounding(Component):
     kind = "rounding"
     learnable: ClassVar[bool] = False
 
-    def attach(self, layer: nn.Module) -> WeightRounder:
-        """Create the rounding state for a quantized layer (``QuantConv2d`` / ``QuantLinear``)."""
+    def attach(self, layer: nn.Module, *, generator: torch.Generator | None = None) -> WeightRounder:
+        """Create the rounding state for a quantized layer (``QuantConv2d`` / ``QuantLinear``).
+
+        ``generator`` is the unit's seeded random generator (use it for any randomness).
+        """
         raise NotImplementedError
 
 
@@ -265,8 +269,24 @@ class ModelAdapter(Component):
         return nn.functional.cross_entropy(outputs, targets)
 
     def metrics(self, outputs: torch.Tensor, targets: Any) -> dict[str, float]:
-        """Per-batch metric sums; ``evaluate`` adds them over batches and divides by the sample count."""
+        """Per-batch metric sums plus a ``count``; ``evaluate`` adds them over batches."""
         raise NotImplementedError
+
+    def finalize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
+        """Turn summed metrics into final values (default: divide by ``count``)."""
+        count = max(sums.get("count", 1.0), 1.0)
+        return {k: v / count for k, v in sums.items() if k != "count"}
+
+    def quantizable_layers(self, model: nn.Module) -> list[str]:
+        """Names of the Conv2d / Linear layers to quantize (default: all of them), in forward order."""
+        from quantplug.modules import quantizable_layers
+
+        return quantizable_layers(model)
+
+    def first_last_layers(self, model: nn.Module) -> tuple[str | None, str | None]:
+        """The layers the bit policy keeps at 8 bits (default: first and last quantizable layer)."""
+        names = self.quantizable_layers(model)
+        return (names[0], names[-1]) if names else (None, None)
 
     def fold_batchnorm(self, model: nn.Module) -> nn.Module:
         from quantplug.bn_fold import fold_batchnorm

@@ -1,0 +1,244 @@
+"""The main job as a function: resolve a recipe, load, calibrate, reconstruct, evaluate, save."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import platform
+import shutil
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from quantplug.calibrate import calibrate_activations, calibrate_weights
+from quantplug.config import Recipe
+from quantplug.engine import ReconstructionEngine, RunContext, UnitRecord, describe_memory
+from quantplug.errors import ConfigError, DataError
+from quantplug.evaluate import compare, evaluate
+from quantplug.export import save_run
+from quantplug.interfaces import ModelAdapter
+from quantplug.plugins import Session
+from quantplug.prepare import LayerBits, prepare_model, resolve_layer_bits
+from quantplug.recipes import resolve_recipe
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "testing:tiny-resnet"
+
+
+@dataclass
+class ApplyResult:
+    recipe: Recipe
+    model_id: str
+    out_dir: str | None
+    fp_metrics: dict[str, float] = field(default_factory=dict)
+    quant_metrics: dict[str, float] = field(default_factory=dict)
+    records: list[UnitRecord] = field(default_factory=list)
+    plan: list[str] = field(default_factory=list)
+    memory: str = ""
+    seconds: float = 0.0
+    model: nn.Module | None = None
+
+
+def default_model_id() -> str:
+    return os.environ.get("QUANTPLUG_DEFAULT_MODEL", DEFAULT_MODEL)
+
+
+def build_quant_model(
+    adapter: ModelAdapter,
+    model_id: str,
+    recipe: Recipe,
+    device: torch.device,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[nn.Module, nn.Module]:
+    """Load, fold BN, and return (full-precision copy, model prepared for quantization)."""
+    model = adapter.load(model_id, device=device, options=options)
+    model = adapter.fold_batchnorm(model.eval())
+    fp_model = copy.deepcopy(model)
+    prepare_model(model, adapter, recipe)
+    for p in fp_model.parameters():
+        p.requires_grad_(False)
+    return fp_model, model
+
+
+def cli_overrides(
+    *,
+    w_bits: int | None = None,
+    a_bits: int | None = None,
+    calib_samples: int | None = None,
+    batch_size: int | None = None,
+    iters: int | None = None,
+    seed: int | None = None,
+    cache: str | None = None,
+) -> dict[str, Any]:
+    """Translate the CLI's convenience flags into recipe override paths."""
+    out: dict[str, Any] = {}
+    if w_bits is not None:
+        out["weight.bits"] = w_bits
+    if a_bits is not None:
+        if a_bits in (0, 32):
+            out["activation"] = None
+        else:
+            out["activation.bits"] = a_bits
+    if calib_samples is not None:
+        out["calib.num_samples"] = calib_samples
+    if batch_size is not None:
+        out["recon.batch_size"] = batch_size
+    if iters is not None:
+        out["recon.iters"] = iters
+    if seed is not None:
+        out["calib.seed"] = seed
+    if cache is not None:
+        out["recon.cache"] = cache
+    return out
+
+
+def _check_finite(dataset: Dataset, what: str) -> None:
+    tensors = getattr(dataset, "tensors", None)
+    if tensors is None:
+        return
+    for t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise DataError(f"the {what} data contains NaN or inf values; clean the data or choose another source")
+
+
+def _batches(dataset: Dataset, batch_size: int) -> list[Any]:
+    return list(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+
+
+def resolve(session: Session, plugin: str, *, base: str | None, preset: str | None,
+            overrides: Mapping[str, Any]) -> Recipe:
+    recipe = resolve_recipe(session, plugin, base=base, preset=preset, overrides=overrides)
+    # fail early, before loading anything, on unknown components or options
+    session.make("observer", recipe.weight_observer, recipe.weight)
+    if recipe.activation is not None:
+        session.make("observer", recipe.activation_observer, recipe.activation)
+    for kind, ref in (("rounding", recipe.rounding), ("loss", recipe.loss), ("scheduler", recipe.scheduler),
+                      ("activation_policy", recipe.activation_policy)):
+        session.make(kind, ref)
+    for ref in recipe.data_transforms:
+        session.make("data_transform", ref)
+    return recipe
+
+
+def apply(
+    plugin: str = "nearest",
+    model_id: str | None = None,
+    *,
+    data: str | None = None,
+    base: str | None = None,
+    preset: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    device: str = "cpu",
+    out_dir: str | None = None,
+    eval_samples: int | None = None,
+    resume: bool = False,
+    dry_run: bool = False,
+    evaluate_fp: bool = True,
+    model_options: Mapping[str, Any] | None = None,
+    session: Session | None = None,
+) -> ApplyResult:
+    """Quantize ``model_id`` with recipe ``plugin``; evaluate against full precision; save to ``out_dir``."""
+    t0 = time.perf_counter()
+    session = session or Session()
+    recipe = resolve(session, plugin, base=base, preset=preset, overrides=overrides or {})
+    model_id = model_id or default_model_id()
+    dev = _device(device)
+    torch.manual_seed(recipe.calib.seed)
+    adapter = session.adapter_for(model_id)
+    data = data or adapter.default_data(model_id)
+    if data is None:
+        raise ConfigError(f"model {model_id!r} has no default data: pass --data (e.g. a directory or a data spec)")
+    source = session.data_source_for(data)
+    fp_model, q_model = build_quant_model(adapter, model_id, recipe, dev, model_options)
+    calib_set = source.load(data, "train", num_samples=recipe.calib.num_samples, seed=recipe.calib.seed)
+    _check_finite(calib_set, "calibration")
+    calib = _batches(calib_set, recipe.calib.batch_size)
+    calib_inputs = [b[0] for b in calib]
+    calib_targets = [b[1] for b in calib]
+    blocks = adapter.blocks(fp_model)
+    scheduler = session.make("scheduler", recipe.scheduler)
+    plan = scheduler.plan(blocks)
+    ckpt = (os.path.abspath(out_dir) + ".checkpoint") if out_dir else None
+    run = RunContext(session, recipe, adapter, fp_model, q_model, blocks, calib_inputs, calib_targets, dev,
+                     seed=recipe.calib.seed, checkpoint_dir=ckpt, plan=plan, model_id=model_id)
+    policy = session.make("activation_policy", recipe.activation_policy)
+    memory = describe_memory(run, plan, recipe.recon.cache, policy.needs_fp_inputs)
+    logger.info(memory)
+    result = ApplyResult(recipe, model_id, out_dir, plan=[u.name for u in plan], memory=memory)
+    if dry_run:
+        return result
+
+    calibrate_weights(q_model, session, recipe)
+    if recipe.activation is not None:
+        calibrate_activations(q_model, adapter, calib, session, recipe, dev)
+    session.pm.hook.on_run_start(run=run)
+    engine = ReconstructionEngine(
+        run,
+        rounding=session.make("rounding", recipe.rounding),
+        loss=session.make("loss", recipe.loss),
+        policy=policy,
+        transforms=[session.make("data_transform", t) for t in recipe.data_transforms],
+        on_unit_end=lambda unit, record: session.pm.hook.on_unit_end(run=run, unit=unit, record=record),
+    )
+    records = engine.reconstruct(resume=resume)
+    q_model.eval()
+    test_set = source.load(data, "test", num_samples=eval_samples, seed=0)
+    test = _batches(test_set, max(recipe.calib.batch_size, 64))
+    fp_metrics = evaluate(fp_model, adapter, test, dev, "evaluate fp") if evaluate_fp else {}
+    q_metrics = evaluate(q_model, adapter, test, dev, "evaluate quantized")
+    result.fp_metrics, result.quant_metrics, result.records = fp_metrics, q_metrics, records
+    result.seconds = time.perf_counter() - t0
+    result.model = q_model
+    if out_dir:
+        names = adapter.quantizable_layers(fp_model)
+        first, last = adapter.first_last_layers(fp_model)
+        bit_map = resolve_layer_bits(names, first, last, recipe)
+        save_run(q_model, build_manifest(session, result, data, eval_samples, bit_map, dev, model_options), out_dir)
+        if ckpt:
+            shutil.rmtree(ckpt, ignore_errors=True)
+    session.pm.hook.on_run_end(run=run, result=result)
+    return result
+
+
+def _device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+def build_manifest(session: Session, result: ApplyResult, data: str, eval_samples: int | None,
+                   bit_map: list[LayerBits], device: torch.device,
+                   model_options: Mapping[str, Any] | None) -> dict[str, Any]:
+    recipe = result.recipe
+    providers: dict[str, str] = {}
+    for kind, ref in (("observer", recipe.weight_observer), ("observer", recipe.activation_observer),
+                      ("rounding", recipe.rounding), ("loss", recipe.loss), ("scheduler", recipe.scheduler),
+                      ("activation_policy", recipe.activation_policy)):
+        providers[f"{kind}:{ref.name}"] = session.registry(kind).entry(ref.name).provider
+    versions = {p["name"]: p.get("version", "unknown") for p in session.plugin_report()}
+    return {
+        "model_id": result.model_id,
+        "model_options": dict(model_options or {}),
+        "data": data,
+        "eval_samples": eval_samples,
+        "recipe": recipe.to_dict(),
+        "providers": providers,
+        "versions": {k: versions.get(v, "unknown") for k, v in providers.items()},
+        "seed": recipe.calib.seed,
+        "plan": result.plan,
+        "bit_map": [asdict(b) for b in bit_map],
+        "units": [asdict(r) for r in result.records],
+        "metrics": {"fp": result.fp_metrics, "quant": result.quant_metrics,
+                    "comparison": compare(result.fp_metrics, result.quant_metrics)},
+        "wall_seconds": result.seconds,
+        "environment": {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+                        "threads": torch.get_num_threads()},
+    }

@@ -1,0 +1,393 @@
+"""The reconstruction engine: the only place that drives roundings, losses and activation policies.
+
+For each unit of the scheduler's plan: cache its inputs (from the model quantized so far) and its
+full-precision outputs; optimize the unit's rounding and step-size parameters with the recipe's
+loss, the rounding regularizer and the activation policy; harden; checkpoint; move on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantplug.cache import BYTES, TensorCache, human_bytes
+from quantplug.config import Recipe
+from quantplug.errors import ArtifactError, IncompatibleComponentsError
+from quantplug.interfaces import (
+    ActivationPolicy,
+    LossContext,
+    ModelAdapter,
+    ReconstructionLoss,
+    ReconUnit,
+    Rounding,
+    UnitSpec,
+)
+from quantplug.modules import QuantLayer
+from quantplug.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class UnitRecord:
+    """What happened to one unit (saved in the manifest)."""
+
+    index: int
+    name: str
+    layers: list[str]
+    loss_before: float
+    loss_after: float
+    iters: int
+    seconds: float
+
+
+@dataclass
+class RunContext:
+    """Everything a run needs; passed to event hooks and to components that need the wider model."""
+
+    session: Any
+    recipe: Recipe
+    adapter: ModelAdapter
+    fp_model: nn.Module
+    q_model: nn.Module
+    blocks: list[UnitSpec]
+    calib_inputs: list[Any]
+    calib_targets: list[Any]
+    device: torch.device
+    seed: int = 0
+    checkpoint_dir: str | None = None
+    plan: list[ReconUnit] = field(default_factory=list)
+    records: list[UnitRecord] = field(default_factory=list)
+    model_id: str = ""
+
+    def block(self, name: str) -> UnitSpec:
+        for b in self.blocks:
+            if b.name == name:
+                return b
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------- unit helpers
+def unit_layers(run: RunContext, unit: ReconUnit) -> list[str]:
+    if unit.layer is not None:
+        return [unit.layer]
+    return [name for b in unit.blocks for name in run.block(b).layers]
+
+
+def unit_module(run: RunContext, model: nn.Module, unit: ReconUnit) -> nn.Module:
+    if unit.layer is not None:
+        return model.get_submodule(unit.layer)
+    mods = [run.adapter.block_module(model, run.block(b)) for b in unit.blocks]
+    return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
+
+
+def _entry_exit_modules(run: RunContext, model: nn.Module, unit: ReconUnit) -> tuple[nn.Module, nn.Module]:
+    if unit.layer is not None:
+        layer = model.get_submodule(unit.layer)
+        return layer, layer
+    first = run.block(unit.blocks[0]).modules[0]
+    last = run.block(unit.blocks[-1]).modules[-1]
+    return model.get_submodule(first), model.get_submodule(last)
+
+
+@torch.no_grad()
+def capture(
+    run: RunContext,
+    model: nn.Module,
+    module: nn.Module,
+    *,
+    output: bool,
+    cache_mode: str,
+    directory: str | None = None,
+) -> TensorCache:
+    """Run ``model`` over the calibration inputs and cache ``module``'s input (or output), stopping early."""
+    cache: TensorCache | None = None
+    position = 0
+    total = sum(_batch_len(x) for x in run.calib_inputs)
+
+    def store(value: torch.Tensor) -> None:
+        nonlocal cache, position
+        if cache is None:
+            cache = TensorCache(cache_mode, total, value.shape[1:], directory, dtype=value.dtype)
+        cache.write(position, value)
+        position += value.shape[0]
+        raise _StopForward
+
+    if output:
+        handle = module.register_forward_hook(lambda m, a, out: store(out))
+    else:
+        handle = module.register_forward_pre_hook(lambda m, a: store(a[0]))
+    try:
+        for inputs in run.calib_inputs:
+            try:
+                run.adapter.forward(model, _to_device(inputs, run.device))
+            except _StopForward:
+                continue
+            raise RuntimeError("capture point was never reached: is the module part of the model's forward pass?")
+    finally:
+        handle.remove()
+    assert cache is not None
+    return cache
+
+
+def _batch_len(x: Any) -> int:
+    return x.shape[0] if isinstance(x, torch.Tensor) else len(x)
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+@torch.no_grad()
+def estimate_cache_bytes(run: RunContext, plan: Sequence[ReconUnit], cache_mode: str, needs_fp_inputs: bool) -> int:
+    """Peak cache bytes of any unit: (inputs + targets [+ fp inputs]) x samples x bytes per value."""
+    sample = _slice_first(run.calib_inputs[0])
+    sizes: dict[int, int] = {}
+    handles = []
+    wanted: list[tuple[nn.Module, bool]] = []
+    for unit in plan:
+        entry, exit_ = _entry_exit_modules(run, run.fp_model, unit)
+        wanted += [(entry, False), (exit_, True)]
+    for module, is_out in wanted:
+        key = id(module) * 2 + int(is_out)
+        if is_out:
+            handles.append(module.register_forward_hook(
+                lambda m, a, o, k=key: sizes.__setitem__(k, o[0].numel())))
+        else:
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, k=key: sizes.__setitem__(k, a[0][0].numel())))
+    try:
+        run.adapter.forward(run.fp_model, _to_device(sample, run.device))
+    finally:
+        for h in handles:
+            h.remove()
+    total = sum(_batch_len(x) for x in run.calib_inputs)
+    peak = 0
+    for unit in plan:
+        entry, exit_ = _entry_exit_modules(run, run.fp_model, unit)
+        n_in = sizes.get(id(entry) * 2, 0)
+        n_out = sizes.get(id(exit_) * 2 + 1, 0)
+        per_sample = (n_in * (2 if needs_fp_inputs else 1) + n_out) * BYTES[cache_mode]
+        peak = max(peak, per_sample * total)
+    return peak
+
+
+def _slice_first(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x[:1]
+    if isinstance(x, dict):
+        return {k: _slice_first(v) for k, v in x.items()}
+    return x
+
+
+# --------------------------------------------------------------------------- engine
+class ReconstructionEngine:
+    """Reconstructs the units of ``run.plan`` in order; see the module docstring."""
+
+    def __init__(
+        self,
+        run: RunContext,
+        rounding: Rounding,
+        loss: ReconstructionLoss,
+        policy: ActivationPolicy,
+        transforms: Sequence[Any] = (),
+        on_unit_end: Callable[[ReconUnit, UnitRecord], None] | None = None,
+    ) -> None:
+        self.run = run
+        self.rounding = rounding
+        self.loss = loss
+        self.policy = policy
+        self.transforms = list(transforms)
+        self.on_unit_end = on_unit_end
+        recon = run.recipe.recon
+        if recon.learn_act_step and run.recipe.activation is None:
+            raise IncompatibleComponentsError(
+                "recon.learn_act_step=true needs quantized activations; set --a-bits or turn it off"
+            )
+        self.cache_mode = recon.cache
+
+    # ------------------------------------------------------------------ checkpoint
+    def _ckpt_path(self) -> str | None:
+        d = self.run.checkpoint_dir
+        return os.path.join(d, "checkpoint.pt") if d else None
+
+    def save_checkpoint(self, next_index: int) -> None:
+        path = self._ckpt_path()
+        if path is None:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        torch.save(
+            {
+                "next_unit": next_index,
+                "state": self.run.q_model.state_dict(),
+                "records": [asdict(r) for r in self.run.records],
+                "plan": [asdict(u) for u in self.run.plan],
+                "recipe": self.run.recipe.to_dict(),
+            },
+            tmp,
+        )
+        os.replace(tmp, path)
+
+    def load_checkpoint(self) -> int:
+        path = self._ckpt_path()
+        if path is None or not os.path.exists(path):
+            return 0
+        try:
+            data = torch.load(path, map_location=self.run.device, weights_only=False)
+        except Exception as exc:
+            raise ArtifactError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
+        if data.get("recipe") != self.run.recipe.to_dict():
+            raise ArtifactError(
+                f"checkpoint {path} was written by a run with a different recipe; "
+                "use the same options to resume, or delete the checkpoint to start over"
+            )
+        self.run.q_model.load_state_dict(data["state"])
+        self.run.records = [UnitRecord(**r) for r in data["records"]]
+        logger.info("resuming after unit %d of %d", data["next_unit"], len(self.run.plan))
+        return int(data["next_unit"])
+
+    # ------------------------------------------------------------------ main loop
+    def reconstruct(self, resume: bool = False) -> list[UnitRecord]:
+        start = self.load_checkpoint() if resume else 0
+        for index in range(start, len(self.run.plan)):
+            unit = self.run.plan[index]
+            record = self.reconstruct_unit(index, unit)
+            self.run.records.append(record)
+            self.save_checkpoint(index + 1)
+            if self.on_unit_end is not None:
+                self.on_unit_end(unit, record)
+        return self.run.records
+
+    def reconstruct_unit(self, index: int, unit: ReconUnit) -> UnitRecord:
+        run = self.run
+        t0 = time.perf_counter()
+        recon = run.recipe.recon
+        names = unit_layers(run, unit)
+        layers: list[QuantLayer] = [
+            m for n in names if isinstance(m := run.q_model.get_submodule(n), QuantLayer)
+        ]
+        q_entry, _ = _entry_exit_modules(run, run.q_model, unit)
+        fp_entry, fp_exit = _entry_exit_modules(run, run.fp_model, unit)
+        inputs = capture(run, run.q_model, q_entry, output=False, cache_mode=self.cache_mode)
+        targets = capture(run, run.fp_model, fp_exit, output=True, cache_mode=self.cache_mode)
+        fp_inputs = None
+        if self.policy.needs_fp_inputs:
+            fp_inputs = capture(run, run.fp_model, fp_entry, output=False, cache_mode=self.cache_mode)
+        for transform in self.transforms:
+            transform.apply(run, unit, inputs)
+        module = unit_module(run, run.q_model, unit)
+        generator = torch.Generator().manual_seed(run.seed * 1_000_003 + index)
+        loss_before = self.evaluate_loss(module, inputs, targets)
+
+        rounders = []
+        for layer in layers:
+            if layer.quantizes_weight:
+                layer.rounder = self.rounding.attach(layer, generator=generator)
+                rounders.append(layer.rounder)
+        act_quantizers = [q for layer in layers if (q := layer.input_quantizer) is not None and q.active]
+        round_params = [p for r in rounders for p in r.parameters() if p.requires_grad]
+        step_params = [q.make_step_learnable() for q in act_quantizers] if recon.learn_act_step else []
+        iters = recon.iters if (round_params or step_params) else 0
+        if iters:
+            self._optimize(unit, module, inputs, targets, fp_inputs, rounders, act_quantizers,
+                           round_params, step_params, iters, generator)
+        for layer in layers:
+            if layer.rounder is not None:
+                layer.set_codes(layer.rounder.hard_codes())
+            elif layer.quantizes_weight:
+                layer.set_codes(layer.nearest_codes())
+        for q in act_quantizers:
+            q.freeze_step()
+        loss_after = self.evaluate_loss(module, inputs, targets)
+        for c in (inputs, targets, fp_inputs):
+            if c is not None:
+                c.close()
+        record = UnitRecord(index, unit.name, names, loss_before, loss_after, iters, time.perf_counter() - t0)
+        logger.info("unit %s: loss %.4g -> %.4g (%d iters, %.1fs)", unit.name, loss_before, loss_after, iters,
+                    record.seconds)
+        return record
+
+    def _optimize(self, unit: ReconUnit, module: nn.Module, inputs: TensorCache, targets: TensorCache,
+                  fp_inputs: TensorCache | None, rounders: list[Any], act_quantizers: list[Any],
+                  round_params: list[torch.Tensor], step_params: list[torch.Tensor], iters: int,
+                  generator: torch.Generator) -> None:
+        recon = self.run.recipe.recon
+        device = self.run.device
+        optimizers: list[torch.optim.Optimizer] = []
+        schedulers: list[Any] = []
+        if round_params:
+            optimizers.append(torch.optim.Adam(round_params, lr=recon.lr))
+        if step_params:
+            opt = torch.optim.Adam(step_params, lr=recon.act_lr)
+            optimizers.append(opt)
+            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0))
+        self.policy.begin(act_quantizers, generator)
+        n = inputs.num
+        batch = min(recon.batch_size, n)
+        bar = progress_bar(range(iters), desc=f"reconstruct {unit.name}", unit="it")
+        try:
+            for it in bar:
+                progress = it / iters
+                idx = torch.randint(n, (batch,), generator=generator)
+                x = inputs.read(idx, device)
+                if fp_inputs is not None:
+                    x = self.policy.mix_unit_input(x, fp_inputs.read(idx, device))
+                y = targets.read(idx, device)
+                self.policy.step(progress)
+                out = module(x)
+                loss = self.loss(out, y, LossContext(progress=progress))
+                total = loss
+                for r in rounders:
+                    reg = r.regularization(progress)
+                    if reg is not None:
+                        total = total + reg
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                total.backward()
+                for opt in optimizers:
+                    opt.step()
+                for sched in schedulers:
+                    sched.step()
+                if it % 50 == 0 and not math.isfinite(float(loss.detach())):
+                    raise FloatingPointError(f"reconstruction loss of unit {unit.name} became {float(loss)}")
+                if it % max(1, recon.log_every // 10) == 0:
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
+        finally:
+            bar.close()
+            self.policy.end(act_quantizers)
+
+    @torch.no_grad()
+    def evaluate_loss(self, module: nn.Module, inputs: TensorCache, targets: TensorCache) -> float:
+        total, count = 0.0, 0
+        step = max(1, self.run.recipe.recon.batch_size)
+        for start in range(0, inputs.num, step):
+            sl = slice(start, min(start + step, inputs.num))
+            out = module(inputs.read(sl, self.run.device))
+            y = targets.read(sl, self.run.device)
+            loss = self.loss(out, y, LossContext(progress=1.0))
+            total += float(loss) * (sl.stop - sl.start)
+            count += sl.stop - sl.start
+        return total / max(count, 1)
+
+
+def describe_memory(run: RunContext, plan: Sequence[ReconUnit], cache_mode: str, needs_fp_inputs: bool) -> str:
+    peak = estimate_cache_bytes(run, plan, cache_mode, needs_fp_inputs)
+    where = "on disk" if cache_mode == "disk" else "in RAM"
+    return f"reconstruction cache: up to {human_bytes(peak)} {where} ({cache_mode})"

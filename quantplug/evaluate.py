@@ -1,0 +1,30 @@
+"""Evaluation: task metrics of a model over a data loader, and FP-versus-quantized comparison."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantplug.interfaces import ModelAdapter
+from quantplug.progress import progress_bar
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, adapter: ModelAdapter, batches: Iterable[Any], device: torch.device,
+             desc: str = "evaluate") -> dict[str, float]:
+    model.eval()
+    sums: dict[str, float] = {}
+    for batch in progress_bar(batches, desc=desc, unit="batch"):
+        inputs, targets = adapter.prepare_batch(batch, device)
+        outputs = adapter.forward(model, inputs)
+        for key, value in adapter.metrics(outputs, targets).items():
+            sums[key] = sums.get(key, 0.0) + value
+    return adapter.finalize_metrics(sums)
+
+
+def compare(fp: dict[str, float], quant: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``{metric: {"fp": .., "quant": .., "delta": quant - fp}}`` for metrics both runs have."""
+    return {k: {"fp": fp[k], "quant": quant[k], "delta": quant[k] - fp[k]} for k in fp if k in quant}

@@ -1,0 +1,102 @@
+"""Save and load quantized runs: ``model.safetensors`` + ``quantplug.json`` written atomically.
+
+A run directory holds the quantized model's state (hardened integer codes, scales, zero points and
+the remaining float parameters) and a manifest with the resolved recipe, the component providers and
+their versions, the seed, the data, per-unit losses and metrics. ``load`` rebuilds the model through
+its adapter (from the recorded model id), prepares it with the recorded recipe and bit map, and
+loads the state: outputs are identical to the model that was saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quantplug.config import Recipe
+from quantplug.errors import ArtifactError
+
+MANIFEST = "quantplug.json"
+WEIGHTS = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+def save_run(model: nn.Module, manifest: dict[str, Any], out_dir: str) -> str:
+    """Write ``out_dir`` atomically: everything goes to a temporary sibling directory, then a rename."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".quantplug-tmp-", dir=parent)
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "quantplug", "version": str(FORMAT_VERSION)})
+        manifest = {"format_version": FORMAT_VERSION, **manifest}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+        if os.path.exists(out_dir):
+            backup = out_dir + ".old"
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(out_dir, backup)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_manifest(run_dir: str) -> dict[str, Any]:
+    path = os.path.join(run_dir, MANIFEST)
+    if not os.path.isdir(run_dir):
+        raise ArtifactError(f"{run_dir} is not a directory; pass the output directory of `quantplug apply`")
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{run_dir} has no {MANIFEST}: it is not a quantplug run (or the run did not finish)")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is corrupt ({exc}); re-run `quantplug apply` to recreate it") from exc
+    for key in ("model_id", "recipe", "format_version"):
+        if key not in manifest:
+            raise ArtifactError(f"{path} lacks {key!r}; the run directory is incomplete or from another tool")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format {manifest['format_version']}; upgrade quantplug to read it")
+    return manifest
+
+
+def read_state(run_dir: str) -> dict[str, torch.Tensor]:
+    path = os.path.join(run_dir, WEIGHTS)
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{run_dir} has no {WEIGHTS}; the run directory is incomplete")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is corrupt ({exc}); re-run `quantplug apply` to recreate it") from exc
+
+
+def load(run_dir: str, *, device: str | torch.device = "cpu", session: Any = None) -> nn.Module:
+    """Rebuild the quantized model saved in ``run_dir``."""
+    from quantplug.api import build_quant_model
+    from quantplug.plugins import Session
+
+    manifest = read_manifest(run_dir)
+    session = session or Session()
+    recipe = Recipe.from_dict(manifest["recipe"])
+    adapter = session.adapter_for(manifest["model_id"])
+    device = torch.device(device)
+    _, model = build_quant_model(adapter, manifest["model_id"], recipe, device, manifest.get("model_options"))
+    state = read_state(run_dir)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{run_dir}: weights do not match the model {manifest['model_id']!r}: {exc}") from exc
+    return model.to(device).eval()
