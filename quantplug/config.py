@@ -265,6 +265,6 @@ def _set_path(data: dict[str, Any], parts: list[str], value: Any, full: str) -> 
     inside_options = len(parts) >= 2 and "options" in parts[:-1]
     if last not in node and not inside_options:
         raise ConfigError(f"unknown override path {full!r}; fields here: {sorted(node)}")
-    if last == "granularity" and isinstance(value, str):
-        value = {"kind": value}
+    if last == "granularity" and isinstance(value, (str, dict)):
+        value = _to_jsonable(granularity_from_dict(value))
     node[last] = value

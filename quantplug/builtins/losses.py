@@ -11,21 +11,28 @@ from quantplug.interfaces import LossContext, ReconstructionLoss
 
 
 class LpLoss(ReconstructionLoss):
-    """Mean over samples of the summed |output - target|^p (p = 2: BRECQ / QDrop's ``lp_loss``)."""
+    """|output - target|^p summed over the channel (feature) dimension and averaged over the rest.
+
+    This is BRECQ / QDrop's ``lp_loss`` with ``reduction='none'``: ``(pred - tgt).abs().pow(p).sum(1).mean()``
+    (dimension 1 is the channel of a conv output, the feature of a linear output [B, F]; for token
+    outputs [B, T, F] the last dimension is summed). ``reduction='mean'`` is the plain element mean.
+    """
 
     name = "mse"
 
     @dataclass(frozen=True)
     class Config:
         p: float = 2.0
-        reduction: str = "sample_sum"  # sample_sum (BRECQ) | mean (element mean)
+        reduction: str = "channel_sum"  # channel_sum (BRECQ lp_loss) | mean (element mean)
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor, context: LossContext) -> torch.Tensor:
         diff = (output - target).abs()
         err = diff.square() if self.config.p == 2.0 else diff.pow(self.config.p)
         if self.config.reduction == "mean":
             return err.mean()
-        return err.reshape(err.shape[0], -1).sum(1).mean()
+        if err.dim() == 3:  # [batch, tokens, features]
+            return err.sum(-1).mean()
+        return err.sum(1).mean() if err.dim() > 1 else err.mean()
 
 
 @hookimpl

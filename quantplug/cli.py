@@ -1,0 +1,239 @@
+"""The ``quantplug`` command line: apply, plugins, list, show, eval (plus commands plugins add)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from quantplug.errors import QuantplugError
+
+logger = logging.getLogger("quantplug")
+
+
+def _session() -> Any:
+    from quantplug.plugins import Session
+
+    return Session()
+
+
+# --------------------------------------------------------------------------- apply
+def _add_apply(sub: Any) -> None:
+    p = sub.add_parser(
+        "apply",
+        help="quantize a model with a method, compare with full precision, save the result",
+        description="Quantize MODEL_ID with the recipe of --plugin; report FP vs quantized metrics; save to --out.",
+    )
+    p.add_argument("model_id", nargs="?", default=None,
+                   help="model id with its source (testing:tiny-resnet, zoo:resnet18-fmnist, torchvision:resnet18, "
+                        "hf:ORG/NAME, local:PATH); default: the embedded model")
+    p.add_argument("--plugin", default="nearest", help="recipe to apply (see `quantplug list recipe`)")
+    p.add_argument("--base", default=None, help="base recipe for a modifier recipe (e.g. --plugin mrecg --base qdrop)")
+    p.add_argument("--preset", default=None, help="named preset of the recipe (e.g. official, cpu-fast)")
+    p.add_argument("--data", default=None, help="data spec (default: the model's own default data)")
+    p.add_argument("--w-bits", type=int, default=None, help="weight bits (2-8); first/last layers stay at 8")
+    p.add_argument("--a-bits", type=int, default=None, help="activation bits (2-8; 0 or 32: no activation quant)")
+    p.add_argument("--calib-samples", type=int, default=None, help="number of calibration samples")
+    p.add_argument("--batch-size", type=int, default=None, help="reconstruction batch size")
+    p.add_argument("--iters", type=int, default=None, help="reconstruction iterations per unit")
+    p.add_argument("--cache", choices=("cpu", "fp16", "disk"), default=None, help="where unit inputs are cached")
+    p.add_argument("--seed", type=int, default=None, help="random seed (calibration sampling, reconstruction)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    p.add_argument("--eval-samples", type=int, default=None, help="limit the evaluation set (default: all)")
+    p.add_argument("-o", "--override", action="append", default=[], metavar="PATH=VALUE",
+                   help="override any recipe field, e.g. -o recon.iters=500 -o rounding.options.reg_weight=0.1")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<plugin>-<model>)")
+    p.add_argument("--no-save", action="store_true", help="do not save the quantized model")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the memory estimate, then stop")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_apply)
+
+
+def _default_out(plugin: str, model_id: str) -> str:
+    safe = model_id.replace(":", "-").replace("/", "-").strip("-.")
+    return os.path.join("runs", f"{plugin}-{safe}")
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from quantplug.api import apply, cli_overrides, default_model_id
+    from quantplug.config import parse_override
+
+    overrides = cli_overrides(w_bits=args.w_bits, a_bits=args.a_bits, calib_samples=args.calib_samples,
+                              batch_size=args.batch_size, iters=args.iters, seed=args.seed, cache=args.cache)
+    overrides.update(dict(parse_override(o) for o in args.override))
+    model_id = args.model_id or default_model_id()
+    out = None if args.no_save or args.dry_run else (args.out or _default_out(args.plugin, model_id))
+    result = apply(args.plugin, model_id, data=args.data, base=args.base, preset=args.preset, overrides=overrides,
+                   device=args.device, out_dir=out, eval_samples=args.eval_samples, resume=args.resume,
+                   dry_run=args.dry_run)
+    if args.dry_run:
+        info = {"recipe": result.recipe.to_dict(), "plan": result.plan, "memory": result.memory,
+                "model_id": model_id}
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            print(f"model: {model_id}\nrecipe: {result.recipe.name}\nunits ({len(result.plan)}): "
+                  f"{', '.join(result.plan)}\n{result.memory}")
+        return 0
+    if args.json:
+        print(json.dumps({"model_id": model_id, "recipe": result.recipe.name, "fp": result.fp_metrics,
+                          "quant": result.quant_metrics, "out": result.out_dir, "seconds": result.seconds}, indent=2))
+        return 0
+    r = result.recipe
+    a_bits = r.activation.bits if r.activation is not None else 32
+    print(f"{r.name} on {model_id}: W{r.weight.bits}A{a_bits} ({result.seconds:.1f}s)")
+    for key in result.quant_metrics:
+        fp = result.fp_metrics.get(key)
+        q = result.quant_metrics[key]
+        fp_text = f"{fp:.2f}" if fp is not None else "n/a"
+        delta = f"  ({q - fp:+.2f})" if fp is not None else ""
+        print(f"  {key:<12} full precision {fp_text:>8}   quantized {q:8.2f}{delta}")
+    if result.out_dir:
+        print(f"saved to {result.out_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- plugins / list / show
+def cmd_plugins(args: argparse.Namespace) -> int:
+    print(json.dumps(_session().plugin_report(), indent=2))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    session = _session()
+    kinds = [args.kind] if args.kind else [k for k, _ in session.components()]
+    out: dict[str, list[dict[str, Any]]] = {}
+    for kind in kinds:
+        registry = session.registry(kind)
+        out[registry.kind] = [
+            {"name": e.name, "provider": e.provider, "summary": _summary(e.obj)} for e in registry
+        ]
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    for kind, entries in out.items():
+        print(f"{kind}:")
+        for e in entries:
+            print(f"  {e['name']:<20} {e['provider']:<26} {e['summary']}")
+    return 0
+
+
+def _summary(obj: Any) -> str:
+    info = obj.describe() if hasattr(obj, "describe") else {}
+    return str(info.get("summary", ""))
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from quantplug.registry import describe_entry
+
+    session = _session()
+    entry = session.registry(args.kind).entry(args.name)
+    info = describe_entry(entry)
+    if args.kind == "recipe":
+        from quantplug.recipes import resolve_recipe
+
+        info["resolved"] = resolve_recipe(session, args.name, preset=args.preset).to_dict()
+    print(json.dumps(info, indent=2, default=str))
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from quantplug.evaluate import evaluate
+    from quantplug.export import load, read_manifest
+
+    session = _session()
+    manifest = read_manifest(args.run_dir)
+    model = load(args.run_dir, device=args.device, session=session)
+    adapter = session.adapter_for(manifest["model_id"])
+    data = args.data or manifest["data"]
+    source = session.data_source_for(data)
+    limit = args.eval_samples if args.eval_samples is not None else manifest.get("eval_samples")
+    test = source.load(data, "test", num_samples=limit, seed=0)
+    loader = torch.utils.data.DataLoader(test, batch_size=64)
+    metrics = evaluate(model, adapter, loader, torch.device(args.device))
+    if args.json:
+        print(json.dumps({"run": args.run_dir, "data": data, "metrics": metrics}, indent=2))
+    else:
+        print(f"{args.run_dir} on {data}:")
+        for k, v in metrics.items():
+            print(f"  {k:<12} {v:.4f}")
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser(session_commands: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quantplug", description="Post-training quantization, every method a plugin.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_apply(sub)
+    p = sub.add_parser("plugins", help="list installed plugins and what they register (JSON)")
+    p.set_defaults(func=cmd_plugins)
+    p = sub.add_parser("list", help="list registered components of a kind (or of every kind)")
+    p.add_argument("kind", nargs="?", default=None,
+                   help="observer, rounding, loss, scheduler, activation_policy, data_transform, recipe, "
+                        "model_adapter, data_source, exporter")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("show", help="describe one component (options, defaults, source)")
+    p.add_argument("kind")
+    p.add_argument("name")
+    p.add_argument("--preset", default=None, help="for recipes: resolve with this preset")
+    p.set_defaults(func=cmd_show)
+    p = sub.add_parser("eval", help="evaluate a saved run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--data", default=None, help="data spec (default: the run's data)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-samples", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    if session_commands:
+        _add_plugin_commands(sub)
+    return parser
+
+
+def _add_plugin_commands(sub: Any) -> None:
+    try:
+        session = _session()
+    except QuantplugError:
+        return
+    session.pm.hook.register_commands(subparsers=sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        if getattr(args, "func", None) is None:
+            parser.print_help()
+            return 2
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("quantplug: interrupted; a run with --out can continue with --resume", file=sys.stderr)
+        return 130
+    except (QuantplugError, FileNotFoundError) as exc:
+        if debug:
+            raise
+        print(f"quantplug: error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # unexpected: still one line unless --debug
+        if debug:
+            raise
+        print(f"quantplug: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Recipes: serialization round trip, overrides from the CLI, resolution of bases and presets."""
+
+from __future__ import annotations
+
+import pytest
+
+from quantplug.config import PerGroup, QuantSpec, Recipe, apply_overrides, parse_override
+from quantplug.errors import ConfigError, UnknownComponentError
+from quantplug.recipes import RecipeSpec, resolve_recipe
+
+
+def test_recipe_round_trips_through_json_dict() -> None:
+    r = apply_overrides(Recipe(), {"weight.granularity": "per_group", "weight.granularity.group_size": 16,
+                                   "bits.overrides": [["layer1.*", 3, 4]]})
+    back = Recipe.from_dict(r.to_dict())
+    assert back == r
+    assert back.weight.granularity == PerGroup(16)
+    assert back.bits.overrides == (("layer1.*", 3, 4),)
+
+
+def test_overrides_parse_and_validate() -> None:
+    assert parse_override("recon.iters=500") == ("recon.iters", 500)
+    assert parse_override("rounding.name=adaround") == ("rounding.name", "adaround")
+    assert parse_override("recon.learn_act_step=true") == ("recon.learn_act_step", True)
+    r = apply_overrides(Recipe(), dict([parse_override("recon.iters=7"), parse_override("rounding.options.x=0.5")]))
+    assert r.recon.iters == 7 and r.rounding.options == {"x": 0.5}
+    with pytest.raises(ConfigError, match="unknown override path"):
+        apply_overrides(Recipe(), {"recon.iterz": 5})
+    with pytest.raises(ConfigError, match="2 to 8"):
+        apply_overrides(Recipe(), {"weight.bits": 12})
+    with pytest.raises(ConfigError, match="path.to.field=value"):
+        parse_override("recon.iters")
+    with pytest.raises(ConfigError):
+        apply_overrides(Recipe(), {"recon.cache": "gpu"})
+
+
+def test_activation_can_be_removed_and_restored() -> None:
+    r = apply_overrides(Recipe(), {"activation": None})
+    assert r.activation is None
+    r2 = apply_overrides(r, {"activation.bits": 4})
+    assert r2.activation == QuantSpec(4)
+
+
+def test_resolution_walks_bases_presets_and_base_swap(session) -> None:  # type: ignore[no-untyped-def]
+    session.recipes.register(RecipeSpec("child", extends="nearest-lsq", overrides={"recon.batch_size": 7},
+                                        presets={"fast": {"recon.iters": 3}}), "test")
+    session.recipes.register(RecipeSpec("other", overrides={"recon.lr": 0.5}), "test")
+    r = resolve_recipe(session, "child")
+    assert r.recon.learn_act_step and r.recon.batch_size == 7 and r.recon.iters == 2000
+    r = resolve_recipe(session, "child", preset="fast", overrides={"recon.lr": 0.25})
+    assert r.recon.iters == 3 and r.recon.lr == 0.25
+    swapped = resolve_recipe(session, "child", base="other")
+    assert swapped.name == "child+other" and swapped.recon.lr == 0.5 and not swapped.recon.learn_act_step
+    with pytest.raises(ConfigError, match="no preset"):
+        resolve_recipe(session, "child", preset="slow")
+    with pytest.raises(UnknownComponentError, match="pip install quantplug-qdorp"):
+        resolve_recipe(session, "qdorp")

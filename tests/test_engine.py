@@ -1,0 +1,168 @@
+"""Reconstruction engine on the tiny models: losses, schedulers, caches, bit policy, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantplug import hookimpl
+from quantplug.api import apply, build_quant_model
+from quantplug.bn_fold import fold_batchnorm
+from quantplug.config import ComponentRef
+from quantplug.errors import ConfigError, DataError
+from quantplug.interfaces import DataSource
+from quantplug.modules import QuantLayer, quant_layers
+from quantplug.testing.models import tiny_resnet
+
+
+def test_learned_rounding_lowers_each_units_loss_below_nearest(session, fast) -> None:  # type: ignore[no-untyped-def]
+    for scheduler in ("layer", "block"):
+        result = apply("soft-offset", "testing:tiny-resnet", session=session, eval_samples=100,
+                       overrides={**fast, "weight.bits": 3, "activation": None, "scheduler.name": scheduler})
+        assert result.records and all(r.iters == 300 for r in result.records)
+        for r in result.records:
+            assert r.loss_after < r.loss_before, (scheduler, r)
+
+
+def test_learned_activation_steps_lower_block_losses(session, fast) -> None:  # type: ignore[no-untyped-def]
+    result = apply("nearest-lsq", "testing:tiny-resnet", session=session, eval_samples=100,
+                   overrides={**fast, "weight.bits": 4, "activation.bits": 3, "recon.iters": 150})
+    improved = [r.loss_after < r.loss_before for r in result.records]
+    assert sum(improved) >= len(improved) - 1, result.records
+
+
+def test_nearest_recipe_does_not_train(session, fast) -> None:  # type: ignore[no-untyped-def]
+    result = apply("nearest", "testing:tiny-resnet", session=session, overrides=fast, eval_samples=100)
+    assert all(r.iters == 0 for r in result.records)
+    assert all(r.loss_after == pytest.approx(r.loss_before) for r in result.records)
+
+
+def test_transformer_decoder_reconstructs(session, fast) -> None:  # type: ignore[no-untyped-def]
+    result = apply("soft-offset", "testing:tiny-decoder", session=session, eval_samples=64,
+                   overrides={**fast, "weight.bits": 3, "activation": None, "recon.iters": 100})
+    assert [r.name for r in result.records] == ["layers.0", "layers.1", "head"]
+    assert all(r.loss_after < r.loss_before for r in result.records)
+    assert result.quant_metrics["perplexity"] < 2 * result.fp_metrics["perplexity"]
+
+
+@pytest.mark.parametrize("cache", ["fp16", "disk"])
+def test_cache_modes_match_fp32(session, fast, cache: str) -> None:  # type: ignore[no-untyped-def]
+    over = {**fast, "weight.bits": 3, "activation": None, "recon.iters": 50}
+    ref = apply("soft-offset", "testing:tiny-resnet", session=session, overrides=over, eval_samples=200)
+    other = apply("soft-offset", "testing:tiny-resnet", session=session, overrides={**over, "recon.cache": cache},
+                  eval_samples=200)
+    assert abs(ref.quant_metrics["top1"] - other.quant_metrics["top1"]) <= 2.0
+    for a, b in zip(ref.records, other.records):
+        assert a.loss_after == pytest.approx(b.loss_after, rel=0.05)
+    assert "disk" not in cache or "on disk" in other.memory
+
+
+def test_memory_estimate_scales_with_samples_and_halves_with_fp16(session) -> None:  # type: ignore[no-untyped-def]
+    def estimate(n: int, cache: str) -> str:
+        return apply("soft-offset", session=session, dry_run=True,
+                     overrides={"calib.num_samples": n, "recon.cache": cache}).memory
+
+    # largest unit: a layer1 block, 8x16x16 in and out, 16 KiB per sample in fp32
+    assert estimate(128, "cpu") == "reconstruction cache: up to 2.0 MiB in RAM (cpu)"
+    assert estimate(256, "cpu") == "reconstruction cache: up to 4.0 MiB in RAM (cpu)"
+    assert estimate(256, "fp16") == "reconstruction cache: up to 2.0 MiB in RAM (fp16)"
+
+
+def test_resume_after_interrupt_gives_identical_result(session, fast, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    over = {**fast, "weight.bits": 3, "activation.bits": 4, "recon.iters": 40}
+    full = apply("soft-offset", session=session, overrides=over, out_dir=str(tmp_path / "full"), eval_samples=100)
+
+    class Interrupt:
+        calls = 0
+
+        @hookimpl
+        def on_unit_end(self, run, unit, record):  # type: ignore[no-untyped-def]
+            Interrupt.calls += 1
+            if Interrupt.calls == 2:
+                raise KeyboardInterrupt
+
+    stopper = Interrupt()
+    session.pm.register(stopper)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        apply("soft-offset", session=session, overrides=over, out_dir=str(out), eval_samples=100)
+    assert not out.exists(), "an interrupted run must not leave an output directory"
+    assert (tmp_path / "resumed.checkpoint" / "checkpoint.pt").exists()
+    session.pm.unregister(stopper)
+    resumed = apply("soft-offset", session=session, overrides=over, out_dir=str(out), eval_samples=100, resume=True)
+    assert [r.loss_after for r in resumed.records] == [r.loss_after for r in full.records]
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "resumed.checkpoint").exists()
+
+
+def test_bn_folding_preserves_outputs() -> None:
+    model = tiny_resnet(0)
+    with torch.no_grad():  # non-trivial statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    model.eval()
+    x = torch.randn(4, 3, 16, 16)
+    ref = model(x)
+    folded = fold_batchnorm(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(folded(x), ref, atol=1e-5)
+
+
+def test_bit_policy_first_last_and_overrides(session) -> None:  # type: ignore[no-untyped-def]
+    from quantplug.recipes import resolve_recipe
+
+    recipe = resolve_recipe(session, "nearest", overrides={
+        "weight.bits": 2, "activation.bits": 4, "bits.overrides": [["layer1.1.*", 3, 0]]})
+    adapter = session.adapter_for("testing:tiny-resnet")
+    _, model = build_quant_model(adapter, "testing:tiny-resnet", recipe, torch.device("cpu"))
+    layers = dict(quant_layers(model))
+    assert layers["stem.conv"].weight_spec.bits == 8 and layers["stem.conv"].input_quantizer.spec.bits == 8
+    assert layers["head.fc"].weight_spec.bits == 8 and layers["head.fc"].input_quantizer.spec.bits == 8
+    assert layers["layer1.0.conv1"].weight_spec.bits == 2 and layers["layer1.0.conv1"].input_quantizer.spec.bits == 4
+    assert layers["layer1.1.conv2"].weight_spec.bits == 3 and layers["layer1.1.conv2"].input_quantizer is None
+    assert all(isinstance(m, QuantLayer) for m in layers.values())
+
+
+def test_group_scheduler_validates_groups(session) -> None:  # type: ignore[no-untyped-def]
+    blocks = tiny_resnet().quant_blocks()
+    sched = session.make("scheduler", ComponentRef("groups", {"groups": [["layer1.0", "layer1.1"], "layer2.0"]}))
+    plan = sched.plan(blocks)
+    assert [u.blocks for u in plan] == [("stem",), ("layer1.0", "layer1.1"), ("layer2.0",), ("head",)]
+    with pytest.raises(ConfigError, match="adjacent"):
+        session.make("scheduler", ComponentRef("groups", {"groups": [["stem", "layer1.1"]]})).plan(blocks)
+    with pytest.raises(ConfigError, match="unknown block"):
+        session.make("scheduler", ComponentRef("groups", {"groups": ["nope"]})).plan(blocks)
+    stage = session.make("scheduler", ComponentRef("stage")).plan(blocks)
+    assert [u.blocks for u in stage] == [("stem",), ("layer1.0", "layer1.1"), ("layer2.0",), ("head",)]
+    assert len(session.make("scheduler", ComponentRef("network")).plan(blocks)) == 1
+
+
+def test_stage_and_network_units_reconstruct(session, fast) -> None:  # type: ignore[no-untyped-def]
+    for name in ("stage", "network"):
+        result = apply("soft-offset", session=session, eval_samples=100,
+                       overrides={**fast, "weight.bits": 3, "activation": None, "recon.iters": 60,
+                                  "scheduler.name": name})
+        assert all(r.loss_after < r.loss_before for r in result.records)
+
+
+def test_nan_calibration_data_is_a_clear_error(session) -> None:  # type: ignore[no-untyped-def]
+    class NanData(DataSource):
+        """NaN images."""
+
+        name = "nan"
+        prefixes = ("nan",)
+
+        def load(self, spec, split, *, num_samples, seed):  # type: ignore[no-untyped-def]
+            x = torch.randn(16, 3, 16, 16)
+            x[3, 0, 0, 0] = float("nan")
+            return torch.utils.data.TensorDataset(x, torch.zeros(16, dtype=torch.long))
+
+    session.data_sources.register(NanData, "test")
+    with pytest.raises(DataError, match="NaN"):
+        apply("nearest", "testing:tiny-resnet", data="nan:x", session=session)

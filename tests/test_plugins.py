@@ -1,0 +1,148 @@
+"""Plugin system: discovery through entry points, environment controls, registry errors, tracing."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import logging
+import sys
+import types
+
+import pytest
+
+from quantplug import hookimpl
+from quantplug.errors import DuplicateComponentError, QuantplugError, UnknownComponentError
+from quantplug.interfaces import Rounding
+from quantplug.plugins import Session
+from quantplug.registry import Registry
+
+
+class Dup(Rounding):
+    """duplicate of nearest"""
+
+    name = "nearest"
+
+
+def test_builtins_are_registered_as_plugins() -> None:
+    s = Session(entry_points=False)
+    assert {"minmax", "mse", "percentile", "kl", "aciq", "ema"} <= set(s.observers.names())
+    assert {"nearest", "stochastic"} <= set(s.roundings.names())
+    assert {"layer", "block", "stage", "network", "groups"} <= set(s.schedulers.names())
+    assert {"quantized", "fp"} <= set(s.activation_policies.names())
+    assert "mse" in s.losses and "nearest" in s.recipes
+    assert s.roundings.entry("nearest").provider == "quantplug"
+    report = s.plugin_report()
+    assert report[0]["name"] == "quantplug" and report[0]["builtin"]
+    assert "register_roundings" in report[0]["hooks"]
+
+
+def test_unknown_name_lists_suggests_and_hints_install() -> None:
+    s = Session(entry_points=False)
+    with pytest.raises(UnknownComponentError) as err:
+        s.roundings.get("neerest")
+    msg = str(err.value)
+    assert "Did you mean 'nearest'" in msg and "stochastic" in msg and "pip install quantplug-neerest" in msg
+
+
+def test_duplicate_from_two_plugins_names_both() -> None:
+    class P:
+        @hookimpl
+        def register_roundings(self, register):  # type: ignore[no-untyped-def]
+            register(Dup)
+
+    with pytest.raises(DuplicateComponentError) as err:
+        Session(entry_points=False, plugins=[P()])
+    assert "'quantplug'" in str(err.value) and "'P-0'" in str(err.value)
+
+
+def test_reregistering_same_object_is_noop() -> None:
+    reg: Registry[type] = Registry("rounding")
+    reg.register(Dup, "a")
+    reg.register(Dup, "b")
+    assert len(reg) == 1 and reg.entry("nearest").provider == "a"
+
+
+def test_wrong_type_passed_to_register_is_an_error() -> None:
+    class P:
+        @hookimpl
+        def register_roundings(self, register):  # type: ignore[no-untyped-def]
+            register(object)
+
+    with pytest.raises(QuantplugError, match="expected a Rounding"):
+        Session(entry_points=False, plugins=[P()])
+
+
+class _FakeDist:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.version = "9.9"
+
+
+def _install_fake_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two fake distributions exposing entry points in the group ``quantplug``."""
+    for mod_name, rounding_name in (("fake_alpha", "alpha"), ("fake_beta", "beta")):
+        module = types.ModuleType(mod_name)
+        cls = type(f"R{rounding_name}", (Rounding,), {"name": rounding_name, "__doc__": "fake"})
+
+        def register_roundings(register, _cls=cls):  # type: ignore[no-untyped-def]
+            register(_cls)
+
+        module.register_roundings = hookimpl(register_roundings)  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, mod_name, module)
+    eps = []
+    for mod_name in ("fake_alpha", "fake_beta"):
+        ep = md.EntryPoint(name=mod_name.split("_")[1], value=mod_name, group="quantplug")
+        ep = ep._for(_FakeDist(f"quantplug-{mod_name.split('_')[1]}"))  # type: ignore[attr-defined]
+        eps.append(ep)
+
+    def fake_entry_points(**kwargs):  # type: ignore[no-untyped-def]
+        return eps if kwargs.get("group") == "quantplug" else []
+
+    monkeypatch.setattr("quantplug.plugins.md.entry_points", fake_entry_points)
+
+
+def test_entry_points_are_discovered_with_provider_and_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    _install_fake_entry_points(monkeypatch)
+    s = Session()
+    assert s.roundings.entry("alpha").provider == "quantplug-alpha"
+    report = {p["name"]: p for p in s.plugin_report()}
+    assert report["quantplug-beta"]["version"] == "9.9"
+    assert report["quantplug-beta"]["registers"] == {"rounding": ["beta"]}
+
+
+def test_load_and_disable_controls(monkeypatch: pytest.MonkeyPatch) -> None:
+    _install_fake_entry_points(monkeypatch)
+    monkeypatch.setenv("QUANTPLUG_LOAD_PLUGINS", "alpha")
+    s = Session()
+    assert "alpha" in s.roundings and "beta" not in s.roundings
+    monkeypatch.setenv("QUANTPLUG_LOAD_PLUGINS", "")
+    s = Session()
+    assert "alpha" not in s.roundings and "nearest" in s.roundings
+    monkeypatch.delenv("QUANTPLUG_LOAD_PLUGINS")
+    monkeypatch.setenv("QUANTPLUG_DISABLE_PLUGINS", "quantplug-beta")
+    s = Session()
+    assert "alpha" in s.roundings and "beta" not in s.roundings
+
+
+def test_trace_logs_hook_calls(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("QUANTPLUG_TRACE_PLUGINS", "1")
+    with caplog.at_level(logging.INFO, logger="quantplug.trace"):
+        s = Session(entry_points=False)
+        s.pm.hook.on_run_end(run=None, result=None)
+    text = caplog.text
+    assert "register_roundings" in text and "on_run_end" in text
+
+
+def test_broken_plugin_import_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    ep = md.EntryPoint(name="broken", value="does_not_exist_quantplug_mod", group="quantplug")
+    monkeypatch.setattr("quantplug.plugins.md.entry_points", lambda **kw: [ep])
+    with pytest.raises(QuantplugError, match="QUANTPLUG_DISABLE_PLUGINS=broken"):
+        Session()
+
+
+def test_unknown_option_of_component_is_an_error() -> None:
+    from quantplug.config import ComponentRef
+    from quantplug.errors import ConfigError
+
+    s = Session(entry_points=False)
+    with pytest.raises(ConfigError, match="has no option"):
+        s.make("loss", ComponentRef("mse", {"q": 3}))

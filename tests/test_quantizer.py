@@ -1,0 +1,133 @@
+"""Quantizer maths against hand-computed values, for every granularity and both symmetries."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantplug.config import PerChannel, PerGroup, PerTensor, QuantSpec
+from quantplug.errors import ConfigError
+from quantplug.quantizer import (
+    AffineQuantizer,
+    fake_quant,
+    fake_quant_rows,
+    from_rows,
+    qparams_from_range,
+    round_ste,
+    to_rows,
+)
+
+
+def test_grid_limits() -> None:
+    assert (QuantSpec(4, False).qmin, QuantSpec(4, False).qmax) == (0, 15)
+    assert (QuantSpec(4, True).qmin, QuantSpec(4, True).qmax) == (-8, 7)
+    assert (QuantSpec(2, True).qmin, QuantSpec(2, True).qmax) == (-2, 1)
+    assert (QuantSpec(8, False).qmin, QuantSpec(8, False).qmax) == (0, 255)
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 16])
+def test_bad_bit_width_is_a_clear_error(bits: int) -> None:
+    with pytest.raises(ConfigError, match="2 to 8"):
+        QuantSpec(bits)
+
+
+def test_asymmetric_per_tensor_hand_computed() -> None:
+    spec = QuantSpec(2, False, PerTensor())  # grid 0..3
+    scale, zp = qparams_from_range(torch.tensor([-1.0]), torch.tensor([2.0]), spec)
+    assert scale.item() == pytest.approx(1.0)  # (2 - (-1)) / 3
+    assert zp.item() == 1.0  # 0 - round(-1 / 1)
+    x = torch.tensor([-1.4, -0.6, 0.2, 0.6, 1.49, 2.7])
+    # codes: clamp(round(x) + 1, 0, 3) -> [0, 0, 1, 2, 2, 3] ; values (code - 1) * 1
+    expected = torch.tensor([-1.0, -1.0, 0.0, 1.0, 1.0, 2.0])
+    assert torch.equal(fake_quant_rows(x, scale, zp, spec), expected)
+
+
+def test_symmetric_per_tensor_hand_computed() -> None:
+    spec = QuantSpec(3, True, PerTensor())  # grid -4..3, scale = amax / 3.5
+    scale, zp = qparams_from_range(torch.tensor([-0.5]), torch.tensor([3.5]), spec)
+    assert scale.item() == pytest.approx(1.0) and zp.item() == 0.0
+    x = torch.tensor([-5.0, -1.6, 0.4, 2.6, 3.9])
+    assert torch.equal(fake_quant_rows(x, scale, zp, spec), torch.tensor([-4.0, -2.0, 0.0, 3.0, 3.0]))
+
+
+def test_range_is_extended_to_include_zero() -> None:
+    scale, zp = qparams_from_range(torch.tensor([1.0]), torch.tensor([4.0]), QuantSpec(2, False))
+    assert scale.item() == pytest.approx(4.0 / 3) and zp.item() == 0.0
+
+
+def test_per_channel_hand_computed() -> None:
+    spec = QuantSpec(2, False, PerChannel(0))
+    w = torch.tensor([[0.0, 1.0, 3.0], [-2.0, 0.0, 1.0]])
+    rows = to_rows(w, spec)
+    scale, zp = qparams_from_range(rows.min(1).values, rows.max(1).values, spec)
+    assert scale.tolist() == pytest.approx([1.0, 1.0]) and zp.tolist() == [0.0, 2.0]
+    out = fake_quant_rows(w, scale, zp, spec)
+    assert torch.equal(out, torch.tensor([[0.0, 1.0, 3.0], [-2.0, 0.0, 1.0]]))
+    w2 = torch.tensor([[0.4, 1.6, 9.0], [-3.0, 0.49, 5.0]])
+    assert torch.equal(fake_quant_rows(w2, scale, zp, spec), torch.tensor([[0.0, 2.0, 3.0], [-2.0, 0.0, 1.0]]))
+
+
+def test_per_channel_other_axis_round_trips() -> None:
+    spec = QuantSpec(8, False, PerChannel(1))
+    x = torch.randn(2, 3, 4)
+    rows = to_rows(x, spec)
+    assert rows.shape == (3, 8)
+    assert torch.equal(rows[1], x[:, 1].reshape(-1))
+    assert torch.equal(from_rows(rows, x.shape, spec), x)
+
+
+def test_per_group_hand_computed() -> None:
+    spec = QuantSpec(2, True, PerGroup(2))  # grid -2..1 ; scale = amax / 1.5
+    w = torch.tensor([[1.5, -3.0, 0.3, 0.15]])
+    rows = to_rows(w, spec)
+    assert rows.shape == (2, 2)
+    scale, zp = qparams_from_range(rows.min(1).values, rows.max(1).values, spec)
+    assert scale.tolist() == pytest.approx([2.0, 0.2])
+    out = fake_quant_rows(w, scale, zp, spec)
+    # group 0: 1.5/2=0.75->1 -> 2.0 ; -3/2=-1.5 -> round half to even -2 -> -4.0
+    # group 1: 0.3/0.2=1.5 -> 2 -> clamp 1 -> 0.2 ; 0.15/0.2=0.75 -> 1 -> 0.2
+    assert torch.allclose(out, torch.tensor([[2.0, -4.0, 0.2, 0.2]]))
+
+
+def test_per_group_requires_divisible_size() -> None:
+    with pytest.raises(ConfigError, match="multiple"):
+        to_rows(torch.randn(4, 10), QuantSpec(4, False, PerGroup(4)))
+
+
+def test_round_ste_passes_gradient() -> None:
+    x = torch.tensor([0.3, 1.7], requires_grad=True)
+    round_ste(x).sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0]
+
+
+def test_fake_quant_gradient_zero_outside_grid_and_to_scale() -> None:
+    x = torch.tensor([1.4, 10.0], requires_grad=True)
+    scale = torch.tensor(1.0, requires_grad=True)
+    out = fake_quant(x, scale, torch.tensor(0.0), 0, 3)
+    out.sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0]  # clipped element gets no gradient
+    # d/ds [s * (round(x/s))] with STE = round(x/s) - x/s for the inside element, qmax for the clipped one
+    assert scale.grad.item() == pytest.approx((1.0 - 1.4) + 3.0)
+
+
+def test_affine_quantizer_learnable_step_and_freeze() -> None:
+    q = AffineQuantizer(QuantSpec(4, False))
+    x = torch.linspace(0, 1, 50)
+    assert torch.equal(q(x), x)  # passes through until calibrated
+    q.set_qparams(torch.tensor([1 / 15]), torch.tensor([0.0]))
+    param = q.make_step_learnable()
+    out = q(x)
+    (out - 2 * x).square().sum().backward()
+    assert param.grad is not None and param.grad.abs().item() > 0
+    q.freeze_step()
+    assert not isinstance(q.scale, torch.nn.Parameter)
+    state = q.state_dict()
+    q2 = AffineQuantizer(QuantSpec(4, False))
+    q2.load_state_dict(state)
+    assert torch.equal(q2(x), q(x))
+
+
+def test_quantizer_rejects_bad_scale() -> None:
+    q = AffineQuantizer(QuantSpec(4, False))
+    with pytest.raises(ValueError):
+        q.set_qparams(torch.tensor([float("nan")]), torch.tensor([0.0]))
