@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 def calibrate_weights(model: nn.Module, session: Any, recipe: Recipe) -> None:
-    for name, layer in quant_layers(model):
+    for _, layer in quant_layers(model):
         if layer.weight_quantizer is None:
             continue
         observer: Observer = session.make("observer", recipe.weight_observer, layer.weight_quantizer.spec)

@@ -12,7 +12,7 @@ between a tensor and its ``[rows, elements]`` view for a granularity:
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -114,7 +114,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Quantize-dequantize with a straight-through round; gradients reach ``x`` (inside the grid) and ``scale`` (LSQ)."""
+    """Quantize-dequantize with a straight-through round.
+
+    Gradients reach ``x`` (inside the grid) and ``scale`` (LSQ).
+    """
     codes = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return (codes - zero_point) * scale
 

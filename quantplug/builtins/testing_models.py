@@ -31,7 +31,7 @@ def weights_path(filename: str) -> Any:
     return resources.files("quantplug").joinpath("data", filename)
 
 
-class TestingAdapter(ModelAdapter):
+class TinyModelAdapter(ModelAdapter):
     """Adapter for the tiny models of ``quantplug.testing`` (the embedded default and the test suite)."""
 
     name = "testing"
@@ -72,7 +72,8 @@ class TestingAdapter(ModelAdapter):
             nll = nn.functional.cross_entropy(outputs.flatten(0, 1), targets.flatten(), reduction="sum")
             return {"nll": float(nll), "count": float(targets.numel())}
         if outputs.dim() == 3:
-            return {"feature_norm": float(outputs.norm(dim=-1).sum()), "count": float(outputs.shape[0] * outputs.shape[1])}
+            tokens = float(outputs.shape[0] * outputs.shape[1])
+            return {"feature_norm": float(outputs.norm(dim=-1).sum()), "count": tokens}
         top1 = (outputs.argmax(1) == targets).sum()
         top5 = (outputs.topk(min(5, outputs.shape[1]), 1).indices == targets[:, None]).any(1).sum()
         return {"top1": 100.0 * float(top1), "top5": 100.0 * float(top5), "count": float(targets.shape[0])}
@@ -104,7 +105,7 @@ class SyntheticData(DataSource):
 
 @hookimpl
 def register_model_adapters(register) -> None:  # type: ignore[no-untyped-def]
-    register(TestingAdapter)
+    register(TinyModelAdapter)
 
 
 @hookimpl
