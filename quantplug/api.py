@@ -8,7 +8,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -143,8 +143,13 @@ def apply(
     evaluate_fp: bool = True,
     model_options: Mapping[str, Any] | None = None,
     session: Session | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> ApplyResult:
-    """Quantize ``model_id`` with recipe ``plugin``; evaluate against full precision; save to ``out_dir``."""
+    """Quantize ``model_id`` with recipe ``plugin``; evaluate against full precision; save to ``out_dir``.
+
+    ``report`` receives the user-facing messages (the plan and the cache memory estimate) before the
+    long work starts; the CLI prints them.
+    """
     t0 = time.perf_counter()
     session = session or Session()
     recipe = resolve(session, plugin, base=base, preset=preset, overrides=overrides or {})
@@ -171,6 +176,8 @@ def apply(
     policy = session.make("activation_policy", recipe.activation_policy)
     memory = describe_memory(run, plan, recipe.recon.cache, policy.needs_fp_inputs)
     logger.info(memory)
+    if report is not None:
+        report(f"{recipe.name} on {model_id}: {len(plan)} reconstruction units; {memory}")
     result = ApplyResult(recipe, model_id, out_dir, plan=[u.name for u in plan], memory=memory)
     if dry_run:
         return result

@@ -59,6 +59,10 @@ def _default_out(plugin: str, model_id: str) -> str:
     return os.path.join("runs", f"{plugin}-{safe}")
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     from quantplug.api import apply, cli_overrides, default_model_id
     from quantplug.config import parse_override
@@ -70,7 +74,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     out = None if args.no_save or args.dry_run else (args.out or _default_out(args.plugin, model_id))
     result = apply(args.plugin, model_id, data=args.data, base=args.base, preset=args.preset, overrides=overrides,
                    device=args.device, out_dir=out, eval_samples=args.eval_samples, resume=args.resume,
-                   dry_run=args.dry_run)
+                   dry_run=args.dry_run, report=None if args.dry_run else _stderr)
     if args.dry_run:
         info = {"recipe": result.recipe.to_dict(), "plan": result.plan, "memory": result.memory,
                 "model_id": model_id}

@@ -291,10 +291,17 @@ class ReconstructionEngine:
         if self.policy.needs_fp_inputs:
             fp_inputs = capture(run, run.fp_model, fp_entry, output=False, cache_mode=self.cache_mode)
         for transform in self.transforms:
-            transform.apply(run, unit, inputs)
+            step = run.recipe.calib.batch_size
+            for start in range(0, inputs.num, step):
+                sl = slice(start, min(start + step, inputs.num))
+                inputs.write(start, transform.apply(run, unit, inputs.read(sl, run.device)))
+        extras = {k: v.detach().cpu() for k, v in self.loss.capture_extras(run, unit).items()}
+        missing = set(self.loss.extra_keys) - set(extras)
+        if missing:
+            raise IncompatibleComponentsError(f"loss {self.loss.name!r} did not capture its extras {sorted(missing)}")
         module = unit_module(run, run.q_model, unit)
         generator = torch.Generator().manual_seed(run.seed * 1_000_003 + index)
-        loss_before = self.evaluate_loss(module, inputs, targets)
+        loss_before = self.evaluate_loss(module, inputs, targets, extras)
 
         rounders = []
         for layer in layers:
@@ -306,7 +313,7 @@ class ReconstructionEngine:
         step_params = [q.make_step_learnable() for q in act_quantizers] if recon.learn_act_step else []
         iters = recon.iters if (round_params or step_params) else 0
         if iters:
-            self._optimize(unit, module, inputs, targets, fp_inputs, rounders, act_quantizers,
+            self._optimize(unit, module, inputs, targets, fp_inputs, extras, rounders, act_quantizers,
                            round_params, step_params, iters, generator)
         for layer in layers:
             if layer.rounder is not None:
@@ -315,7 +322,7 @@ class ReconstructionEngine:
                 layer.set_codes(layer.nearest_codes())
         for q in act_quantizers:
             q.freeze_step()
-        loss_after = self.evaluate_loss(module, inputs, targets)
+        loss_after = self.evaluate_loss(module, inputs, targets, extras)
         for c in (inputs, targets, fp_inputs):
             if c is not None:
                 c.close()
@@ -325,7 +332,8 @@ class ReconstructionEngine:
         return record
 
     def _optimize(self, unit: ReconUnit, module: nn.Module, inputs: TensorCache, targets: TensorCache,
-                  fp_inputs: TensorCache | None, rounders: list[Any], act_quantizers: list[Any],
+                  fp_inputs: TensorCache | None, extras: dict[str, torch.Tensor], rounders: list[Any],
+                  act_quantizers: list[Any],
                   round_params: list[torch.Tensor], step_params: list[torch.Tensor], iters: int,
                   generator: torch.Generator) -> None:
         recon = self.run.recipe.recon
@@ -352,7 +360,8 @@ class ReconstructionEngine:
                 y = targets.read(idx, device)
                 self.policy.step(progress)
                 out = module(x)
-                loss = self.loss(out, y, LossContext(progress=progress))
+                ctx = LossContext({k: v[idx].to(device) for k, v in extras.items()}, progress)
+                loss = self.loss(out, y, ctx)
                 total = loss
                 for r in rounders:
                     reg = r.regularization(progress)
@@ -374,14 +383,16 @@ class ReconstructionEngine:
             self.policy.end(act_quantizers)
 
     @torch.no_grad()
-    def evaluate_loss(self, module: nn.Module, inputs: TensorCache, targets: TensorCache) -> float:
+    def evaluate_loss(self, module: nn.Module, inputs: TensorCache, targets: TensorCache,
+                      extras: dict[str, torch.Tensor] | None = None) -> float:
         total, count = 0.0, 0
         step = max(1, self.run.recipe.recon.batch_size)
         for start in range(0, inputs.num, step):
             sl = slice(start, min(start + step, inputs.num))
             out = module(inputs.read(sl, self.run.device))
             y = targets.read(sl, self.run.device)
-            loss = self.loss(out, y, LossContext(progress=1.0))
+            ctx = LossContext({k: v[sl].to(self.run.device) for k, v in (extras or {}).items()}, 1.0)
+            loss = self.loss(out, y, ctx)
             total += float(loss) * (sl.stop - sl.start)
             count += sl.stop - sl.start
         return total / max(count, 1)

@@ -138,8 +138,10 @@ class ReconstructionLoss(Component):
     #: names of per-sample tensors the engine must cache for this loss (see ``capture_extras``)
     extra_keys: ClassVar[tuple[str, ...]] = ()
 
-    def capture_extras(self, run: Any, unit: Any, fp_outputs: torch.Tensor, batch: Any) -> Mapping[str, torch.Tensor]:
-        """Compute per-sample extras (e.g. squared task-loss gradients for the Fisher loss)."""
+    def capture_extras(self, run: Any, unit: Any) -> Mapping[str, torch.Tensor]:
+        """Per-sample tensors ``[num_calibration_samples, ...]`` for ``unit`` (e.g. squared task-loss
+        gradients w.r.t. the unit output for the Fisher loss), in calibration order. The engine slices
+        them with each iteration's sample indices into ``LossContext.extras``."""
         return {}
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor, context: LossContext) -> torch.Tensor:
@@ -216,6 +218,7 @@ class DataTransform(Component):
     kind = "data_transform"
 
     def apply(self, run: Any, unit: ReconUnit, inputs: torch.Tensor) -> torch.Tensor:
+        """Return the transformed version of one batch of the unit's cached inputs (same shape)."""
         raise NotImplementedError
 
 

@@ -146,3 +146,89 @@ def test_unknown_option_of_component_is_an_error() -> None:
     s = Session(entry_points=False)
     with pytest.raises(ConfigError, match="has no option"):
         s.make("loss", ComponentRef("mse", {"q": 3}))
+
+
+def test_event_hooks_and_plugin_commands(capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from quantplug.api import apply
+    from quantplug.cli import main
+
+    events: list[str] = []
+
+    class Events:
+        @hookimpl
+        def on_run_start(self, run):  # type: ignore[no-untyped-def]
+            events.append(f"start:{len(run.plan)}")
+
+        @hookimpl
+        def on_unit_end(self, run, unit, record):  # type: ignore[no-untyped-def]
+            events.append(f"unit:{unit.name}:{record.iters}")
+
+        @hookimpl
+        def on_run_end(self, run, result):  # type: ignore[no-untyped-def]
+            events.append(f"end:{result.quant_metrics['top1'] > 0}")
+
+        @hookimpl
+        def register_commands(self, subparsers):  # type: ignore[no-untyped-def]
+            p = subparsers.add_parser("hello", help="say hello")
+            p.set_defaults(func=lambda args: print("hello from a plugin") or 0)
+
+    s = Session(entry_points=False, plugins=[Events()])
+    apply("nearest", session=s, overrides={"calib.num_samples": 32}, eval_samples=20)
+    assert events == ["start:5", "unit:stem:0", "unit:layer1.0:0", "unit:layer1.1:0", "unit:layer2.0:0",
+                      "unit:head:0", "end:True"]
+    monkeypatch.setattr("quantplug.cli._session", lambda: Session(entry_points=False, plugins=[Events()]))
+    assert main(["hello"]) == 0
+    assert "hello from a plugin" in capsys.readouterr().out
+
+
+def test_data_transform_and_loss_extras_reach_the_engine() -> None:
+    """A transform rewrites cached unit inputs; a loss's per-sample extras arrive sliced per batch."""
+    import torch
+
+    from quantplug.api import apply
+    from quantplug.interfaces import DataTransform, LossContext, ReconstructionLoss
+
+    seen: dict[str, object] = {}
+
+    class Zero(DataTransform):
+        """Zero the inputs (test only)."""
+
+        name = "zero"
+
+        def apply(self, run, unit, inputs):  # type: ignore[no-untyped-def]
+            seen["transform_shape"] = tuple(inputs.shape)
+            return torch.zeros_like(inputs)
+
+    class Weighted(ReconstructionLoss):
+        """Weighted MSE with a per-sample weight captured up front (test only)."""
+
+        name = "weighted"
+        extra_keys = ("weight",)
+
+        def capture_extras(self, run, unit):  # type: ignore[no-untyped-def]
+            n = sum(x.shape[0] for x in run.calib_inputs)
+            return {"weight": torch.arange(n, dtype=torch.float32)}
+
+        def __call__(self, output, target, context: LossContext):  # type: ignore[no-untyped-def]
+            w = context.extras["weight"]
+            seen.setdefault("batches", []).append(w.shape[0])  # type: ignore[union-attr]
+            return ((output - target) ** 2).flatten(1).sum(1).mul(w).mean()
+
+    class P:
+        @hookimpl
+        def register_data_transforms(self, register):  # type: ignore[no-untyped-def]
+            register(Zero)
+
+        @hookimpl
+        def register_losses(self, register):  # type: ignore[no-untyped-def]
+            register(Weighted)
+
+    s = Session(entry_points=False, plugins=[P()])
+    result = apply("nearest-lsq", session=s, eval_samples=20,
+                   overrides={"calib.num_samples": 48, "calib.batch_size": 16, "recon.iters": 3,
+                              "recon.batch_size": 8, "loss.name": "weighted", "data_transforms": [{"name": "zero"}],
+                              "scheduler.name": "network"})
+    assert seen["transform_shape"] == (16, 3, 16, 16)
+    # 3 training batches of 8, then before/after evaluations over 48 samples in slices of 8
+    assert seen["batches"] == [8] * (6 + 3 + 6)
+    assert len(result.records) == 1
