@@ -183,7 +183,8 @@ def apply(
         return result
 
     calibrate_weights(q_model, session, recipe)
-    if recipe.activation is not None:
+    weights_first = recipe.recon.order == "weights_first"
+    if recipe.activation is not None and not weights_first:
         calibrate_activations(q_model, adapter, calib, session, recipe, dev)
     session.pm.hook.on_run_start(run=run)
     engine = ReconstructionEngine(
@@ -194,7 +195,13 @@ def apply(
         transforms=[session.make("data_transform", t) for t in recipe.data_transforms],
         on_unit_end=lambda unit, record: session.pm.hook.on_unit_end(run=run, unit=unit, record=record),
     )
-    records = engine.reconstruct(resume=resume)
+    def on_pass_start(pass_name: str) -> None:
+        if pass_name == "activations":  # BRECQ: steps initialized on the weight-quantized model
+            calibrate_activations(q_model, adapter, calib, session, recipe, dev, weights_quantized=True)
+
+    records = engine.reconstruct(resume=resume, on_pass_start=on_pass_start)
+    if weights_first and recipe.activation is not None and not recipe.recon.learn_act_step:
+        calibrate_activations(q_model, adapter, calib, session, recipe, dev, weights_quantized=True)
     q_model.eval()
     test_set = source.load(data, "test", num_samples=eval_samples, seed=0)
     test = _batches(test_set, max(recipe.calib.batch_size, 64))

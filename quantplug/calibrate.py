@@ -38,8 +38,10 @@ def calibrate_activations(
     session: Any,
     recipe: Recipe,
     device: torch.device,
+    weights_quantized: bool = False,
 ) -> None:
-    """Observe every layer's input in the full-precision model (all quantization off), like QDrop."""
+    """Observe every layer's input with all quantization off (QDrop), or with only the activation
+    quantizers off on a weight-quantized model (``weights_quantized``, BRECQ after its weight pass)."""
     layers = [(n, m) for n, m in quant_layers(model) if m.input_quantizer is not None]
     if not layers:
         return
@@ -60,7 +62,7 @@ def calibrate_activations(
 
         return hook
 
-    with quantization_disabled(model):
+    with quantization_disabled(model, weights=not weights_quantized):
         for name, layer in layers:
             handles.append(layer.register_forward_pre_hook(make_hook(name, layer)))
         try:
@@ -76,15 +78,16 @@ def calibrate_activations(
 
 
 class quantization_disabled:
-    """Context manager turning every weight and activation quantizer off (full-precision forward)."""
+    """Context manager turning every activation quantizer, and (``weights=True``) every weight quantizer, off."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, weights: bool = True) -> None:
         self.model = model
+        self.weights = weights
         self.saved: list[tuple[Any, bool]] = []
 
     def __enter__(self) -> nn.Module:
         for _, layer in quant_layers(self.model):
-            for q in (layer.weight_quantizer, layer.input_quantizer):
+            for q in (layer.weight_quantizer if self.weights else None, layer.input_quantizer):
                 if q is not None:
                     self.saved.append((q, q.enabled))
                     q.enabled = False

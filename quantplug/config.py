@@ -137,10 +137,18 @@ class ReconConfig:
     lr: float = 1e-3
     learn_act_step: bool = False
     act_lr: float = 4e-5
+    #: "joint": rounding and activation steps learned together with activations quantized (QDrop);
+    #: "weights_first": a pass with every activation quantizer off reconstructs the weights, then the
+    #: activations are calibrated on the weight-quantized model and (if learn_act_step) a second pass
+    #: of ``act_iters`` iterations learns the steps with the weights fixed (BRECQ's released code)
+    order: str = "joint"
+    act_iters: int = 5000
     cache: str = "cpu"  # cpu | fp16 | disk
     log_every: int = 500
 
     def __post_init__(self) -> None:
+        if self.order not in ("joint", "weights_first"):
+            raise ConfigError(f"recon.order must be joint or weights_first; got {self.order!r}")
         if self.cache not in ("cpu", "fp16", "disk"):
             raise ConfigError(f"recon.cache must be one of cpu, fp16, disk; got {self.cache!r}")
         if self.iters < 0 or self.batch_size < 1:

@@ -30,7 +30,7 @@ from quantplug.interfaces import (
     Rounding,
     UnitSpec,
 )
-from quantplug.modules import QuantLayer
+from quantplug.modules import QuantLayer, quant_layers
 from quantplug.progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class _StopForward(Exception):
 
 @dataclass
 class UnitRecord:
-    """What happened to one unit (saved in the manifest)."""
+    """What happened to one unit in one pass (saved in the manifest)."""
 
     index: int
     name: str
@@ -51,6 +51,15 @@ class UnitRecord:
     loss_after: float
     iters: int
     seconds: float
+    pass_name: str = "joint"
+
+
+def recon_passes(recipe: Recipe) -> list[str]:
+    """The passes over the plan: ``joint``, or ``weights`` then (if steps are learned) ``activations``."""
+    recon = recipe.recon
+    if recon.order == "weights_first" and recipe.activation is not None:
+        return ["weights", "activations"] if recon.learn_act_step else ["weights"]
+    return ["joint"]
 
 
 @dataclass
@@ -93,7 +102,7 @@ def unit_module(run: RunContext, model: nn.Module, unit: ReconUnit) -> nn.Module
     return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
 
 
-def _entry_exit_modules(run: RunContext, model: nn.Module, unit: ReconUnit) -> tuple[nn.Module, nn.Module]:
+def entry_exit_modules(run: RunContext, model: nn.Module, unit: ReconUnit) -> tuple[nn.Module, nn.Module]:
     if unit.layer is not None:
         layer = model.get_submodule(unit.layer)
         return layer, layer
@@ -162,7 +171,7 @@ def estimate_cache_bytes(run: RunContext, plan: Sequence[ReconUnit], cache_mode:
     handles = []
     wanted: list[tuple[nn.Module, bool]] = []
     for unit in plan:
-        entry, exit_ = _entry_exit_modules(run, run.fp_model, unit)
+        entry, exit_ = entry_exit_modules(run, run.fp_model, unit)
         wanted += [(entry, False), (exit_, True)]
     for module, is_out in wanted:
         key = id(module) * 2 + int(is_out)
@@ -180,7 +189,7 @@ def estimate_cache_bytes(run: RunContext, plan: Sequence[ReconUnit], cache_mode:
     total = sum(_batch_len(x) for x in run.calib_inputs)
     peak = 0
     for unit in plan:
-        entry, exit_ = _entry_exit_modules(run, run.fp_model, unit)
+        entry, exit_ = entry_exit_modules(run, run.fp_model, unit)
         n_in = sizes.get(id(entry) * 2, 0)
         n_out = sizes.get(id(exit_) * 2 + 1, 0)
         per_sample = (n_in * (2 if needs_fp_inputs else 1) + n_out) * BYTES[cache_mode]
@@ -264,18 +273,35 @@ class ReconstructionEngine:
         return int(data["next_unit"])
 
     # ------------------------------------------------------------------ main loop
-    def reconstruct(self, resume: bool = False) -> list[UnitRecord]:
+    def reconstruct(self, resume: bool = False,
+                    on_pass_start: Callable[[str], None] | None = None) -> list[UnitRecord]:
+        """Run every pass over the plan; ``on_pass_start(name)`` runs once as each pass begins."""
+        steps = [(p, i) for p in recon_passes(self.run.recipe) for i in range(len(self.run.plan))]
         start = self.load_checkpoint() if resume else 0
-        for index in range(start, len(self.run.plan)):
+        current = None
+        for step in range(start, len(steps)):
+            pass_name, index = steps[step]
+            if pass_name != current:
+                current = pass_name
+                self._set_activation_mode(pass_name)
+                if index == 0 and on_pass_start is not None:
+                    on_pass_start(pass_name)
             unit = self.run.plan[index]
-            record = self.reconstruct_unit(index, unit)
+            record = self.reconstruct_unit(index, unit, pass_name)
             self.run.records.append(record)
-            self.save_checkpoint(index + 1)
+            self.save_checkpoint(step + 1)
             if self.on_unit_end is not None:
                 self.on_unit_end(unit, record)
+        self._set_activation_mode("joint")
         return self.run.records
 
-    def reconstruct_unit(self, index: int, unit: ReconUnit) -> UnitRecord:
+    def _set_activation_mode(self, pass_name: str) -> None:
+        """The weights pass of ``weights_first`` runs with every activation quantizer off."""
+        for _, layer in quant_layers(self.run.q_model):
+            if layer.input_quantizer is not None:
+                layer.input_quantizer.enabled = pass_name != "weights"
+
+    def reconstruct_unit(self, index: int, unit: ReconUnit, pass_name: str = "joint") -> UnitRecord:
         run = self.run
         t0 = time.perf_counter()
         recon = run.recipe.recon
@@ -283,8 +309,8 @@ class ReconstructionEngine:
         layers: list[QuantLayer] = [
             m for n in names if isinstance(m := run.q_model.get_submodule(n), QuantLayer)
         ]
-        q_entry, _ = _entry_exit_modules(run, run.q_model, unit)
-        fp_entry, fp_exit = _entry_exit_modules(run, run.fp_model, unit)
+        q_entry, _ = entry_exit_modules(run, run.q_model, unit)
+        fp_entry, fp_exit = entry_exit_modules(run, run.fp_model, unit)
         inputs = capture(run, run.q_model, q_entry, output=False, cache_mode=self.cache_mode)
         targets = capture(run, run.fp_model, fp_exit, output=True, cache_mode=self.cache_mode)
         fp_inputs = None
@@ -304,21 +330,24 @@ class ReconstructionEngine:
         loss_before = self.evaluate_loss(module, inputs, targets, extras)
 
         rounders = []
-        for layer in layers:
-            if layer.quantizes_weight:
-                layer.rounder = self.rounding.attach(layer, generator=generator)
-                rounders.append(layer.rounder)
+        if pass_name != "activations":
+            for layer in layers:
+                if layer.quantizes_weight:
+                    layer.rounder = self.rounding.attach(layer, generator=generator)
+                    rounders.append(layer.rounder)
         act_quantizers = [q for layer in layers if (q := layer.input_quantizer) is not None and q.active]
         round_params = [p for r in rounders for p in r.parameters() if p.requires_grad]
-        step_params = [q.make_step_learnable() for q in act_quantizers] if recon.learn_act_step else []
-        iters = recon.iters if (round_params or step_params) else 0
+        learn_steps = recon.learn_act_step and pass_name != "weights"
+        step_params = [q.make_step_learnable() for q in act_quantizers] if learn_steps else []
+        budget = recon.act_iters if pass_name == "activations" else recon.iters
+        iters = budget if (round_params or step_params) else 0
         if iters:
             self._optimize(unit, module, inputs, targets, fp_inputs, extras, rounders, act_quantizers,
                            round_params, step_params, iters, generator)
         for layer in layers:
             if layer.rounder is not None:
                 layer.set_codes(layer.rounder.hard_codes())
-            elif layer.quantizes_weight:
+            elif layer.quantizes_weight and layer.weight_codes is None:
                 layer.set_codes(layer.nearest_codes())
         for q in act_quantizers:
             q.freeze_step()
@@ -326,9 +355,10 @@ class ReconstructionEngine:
         for c in (inputs, targets, fp_inputs):
             if c is not None:
                 c.close()
-        record = UnitRecord(index, unit.name, names, loss_before, loss_after, iters, time.perf_counter() - t0)
-        logger.info("unit %s: loss %.4g -> %.4g (%d iters, %.1fs)", unit.name, loss_before, loss_after, iters,
-                    record.seconds)
+        record = UnitRecord(index, unit.name, names, loss_before, loss_after, iters, time.perf_counter() - t0,
+                            pass_name)
+        logger.info("unit %s (%s): loss %.4g -> %.4g (%d iters, %.1fs)", unit.name, pass_name, loss_before,
+                    loss_after, iters, record.seconds)
         return record
 
     def _optimize(self, unit: ReconUnit, module: nn.Module, inputs: TensorCache, targets: TensorCache,

@@ -166,3 +166,21 @@ def test_nan_calibration_data_is_a_clear_error(session) -> None:  # type: ignore
     session.data_sources.register(NanData, "test")
     with pytest.raises(DataError, match="NaN"):
         apply("nearest", "testing:tiny-resnet", data="nan:x", session=session)
+
+
+def test_weights_first_order_runs_two_passes(session, fast) -> None:  # type: ignore[no-untyped-def]
+    """BRECQ's order: weights reconstructed with activations off, then steps learned with weights fixed."""
+    result = apply("soft-offset", session=session, eval_samples=100,
+                   overrides={**fast, "weight.bits": 3, "activation.bits": 4, "recon.order": "weights_first",
+                              "recon.learn_act_step": True, "recon.act_iters": 40, "recon.iters": 100,
+                              "recon.act_lr": 4e-4})
+    passes = [r.pass_name for r in result.records]
+    assert passes == ["weights"] * 5 + ["activations"] * 5
+    acts = [r for r in result.records if r.pass_name == "activations"]
+    assert all(r.iters == 40 for r in acts)
+    assert sum(r.loss_after < r.loss_before for r in acts) >= 4
+    weights = [r for r in result.records if r.pass_name == "weights"]
+    assert all(r.loss_after < r.loss_before for r in weights)
+    layers = dict(quant_layers(result.model))
+    assert all(layer.input_quantizer.enabled for layer in layers.values())
+    assert result.quant_metrics["top1"] > 50
