@@ -187,10 +187,12 @@ class LossConformance:
         loss = self.make()
         torch.manual_seed(0)
         target = torch.randn(4, 3, 5, 5)
-        same = loss(target.clone(), target, LossContext())
+        # losses that declare per-sample extras get all-ones tensors of the output's shape
+        context = LossContext({k: torch.ones_like(target) for k in self.component.extra_keys})
+        same = loss(target.clone(), target, context)
         assert same.dim() == 0 and float(same) == pytest.approx(0.0, abs=1e-6)
         out = (target + 0.1 * torch.randn_like(target)).requires_grad_(True)
-        value = loss(out, target, LossContext())
+        value = loss(out, target, context)
         assert float(value.detach()) > 0
         value.backward()
         assert out.grad is not None and out.grad.abs().sum() > 0

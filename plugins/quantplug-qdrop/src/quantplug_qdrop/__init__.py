@@ -1,0 +1,111 @@
+"""QDrop: "Randomly Dropping Quantization for Extremely Low-bit Post-Training Quantization" (Wei et al., ICLR 2022).
+
+BRECQ's parts (AdaRound rounding, block reconstruction) plus the ``drop`` activation policy: during
+reconstruction every activation element is quantized with probability ``prob`` (0.5) and kept in full
+precision otherwise, ``torch.where(rand < prob, x_q, x)`` (wimh966/QDrop). At the unit's input the
+kept elements come from the full-precision model (the official ``input_prob`` mixing
+``where(rand < p, quantized-model input, fp-model input)``). Activation step sizes are learned
+jointly with the rounding (LSQ-style, Adam lr 4e-5, cosine decay); the loss is plain MSE as in the
+released configs.
+
+Where one tensor feeds two layers (a residual block's input feeds conv1 and the downsample), each
+layer's input quantizer draws its own mask; in the official code one mask is drawn at the block
+input. The expected fraction of quantized elements is the same.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantplug import hookimpl
+from quantplug.interfaces import ActivationPolicy
+from quantplug.recipes import RecipeSpec
+
+__all__ = ["DropPolicy", "QDROP"]
+
+
+class DropPolicy(ActivationPolicy):
+    """QDrop's element-wise random drop of activation quantization (Wei et al., ICLR 2022)."""
+
+    name = "drop"
+    needs_fp_inputs = True
+
+    @dataclass(frozen=True)
+    class Config:
+        prob: float = 0.5  # probability that an element is quantized
+        input_mixing: bool = True  # unit input: dropped elements take the full-precision model's value
+
+    def __init__(self, config: DropPolicy.Config | None = None) -> None:
+        super().__init__(config)
+        if not 0.0 <= self.config.prob <= 1.0:
+            from quantplug.errors import ConfigError
+
+            raise ConfigError(f"drop prob must be in [0, 1], got {self.config.prob}")
+        self._generator: torch.Generator | None = None
+        self._unit_input: torch.Tensor | None = None
+        self._fp_input: torch.Tensor | None = None
+
+    def _rand(self, like: torch.Tensor) -> torch.Tensor:
+        gen = self._generator
+        if gen is not None and gen.device != like.device:
+            seed = int(torch.randint(2**62, (1,), generator=gen))
+            gen = self._generator = torch.Generator(device=like.device).manual_seed(seed)
+        return torch.rand(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+
+    def begin(self, quantizers: Sequence[nn.Module], generator: torch.Generator | None = None) -> None:
+        self._generator = generator
+        for q in quantizers:
+            q.mixer = self.mix
+
+    def mix(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+        keep = x
+        if self.config.input_mixing and x is self._unit_input and self._fp_input is not None:
+            keep = self._fp_input
+        return torch.where(self._rand(x) < self.config.prob, xq, keep)
+
+    def mix_unit_input(self, quant_input: torch.Tensor, fp_input: torch.Tensor | None) -> torch.Tensor:
+        self._unit_input, self._fp_input = quant_input, fp_input
+        return quant_input
+
+    def end(self, quantizers: Sequence[nn.Module]) -> None:
+        self._unit_input = self._fp_input = None
+        self._generator = None
+        super().end(quantizers)
+
+
+OFFICIAL = {"recon.iters": 20000, "recon.batch_size": 32, "calib.num_samples": 1024}
+
+QDROP = RecipeSpec(
+    name="qdrop",
+    extends="brecq",
+    description="QDrop: BRECQ's parts plus random dropping of activation quantization, steps learned jointly",
+    overrides={
+        "loss.name": "mse",
+        "activation_policy.name": "drop",
+        "activation_policy.options.prob": 0.5,
+        "recon.order": "joint",
+        "recon.learn_act_step": True,
+        "recon.act_lr": 4e-5,
+        **OFFICIAL,
+    },
+    presets={
+        "official": OFFICIAL,
+        "official-mobilenetv2": {**OFFICIAL, "rounding.options.reg_weight": 0.1},
+        "cpu-fast": {"recon.iters": 2000, "calib.num_samples": 512, "recon.act_lr": 1e-4},
+    },
+    source="Wei et al., 'QDrop: Randomly Dropping Quantization for Extremely Low-bit PTQ', ICLR 2022",
+)
+
+
+@hookimpl
+def register_activation_policies(register) -> None:  # type: ignore[no-untyped-def]
+    register(DropPolicy)
+
+
+@hookimpl
+def register_recipes(register) -> None:  # type: ignore[no-untyped-def]
+    register(QDROP)

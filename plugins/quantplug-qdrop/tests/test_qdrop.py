@@ -1,0 +1,73 @@
+"""QDrop: the drop policy's statistics, input mixing, determinism, restoration; the recipe."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from quantplug_qdrop import DropPolicy
+
+from quantplug.config import QuantSpec
+from quantplug.errors import ConfigError
+from quantplug.plugins import Session
+from quantplug.quantizer import AffineQuantizer
+from quantplug.recipes import resolve_recipe
+from quantplug.testing.conformance import RecipeSmoke
+
+
+def _quantizer() -> AffineQuantizer:
+    q = AffineQuantizer(QuantSpec(2, False))
+    q.set_qparams(torch.tensor([1.0]), torch.tensor([0.0]))
+    return q
+
+
+def test_drop_quantizes_about_prob_of_elements_and_keeps_the_rest() -> None:
+    q = _quantizer()
+    policy = DropPolicy(DropPolicy.make_config({"prob": 0.3}))
+    policy.begin([q], torch.Generator().manual_seed(0))
+    x = torch.rand(200_000) * 3 + 0.25  # never on the grid
+    out = q(x)
+    quantized = out == torch.round(x).clamp(0, 3)
+    assert abs(quantized.float().mean().item() - 0.3) < 0.01
+    assert torch.equal(out[~quantized], x[~quantized])
+    policy.end([q])
+    assert q.mixer is None and torch.equal(q(x), torch.round(x).clamp(0, 3))
+
+
+def test_unit_input_mixes_quantized_with_full_precision_input() -> None:
+    q = _quantizer()
+    policy = DropPolicy()
+    policy.begin([q], torch.Generator().manual_seed(1))
+    x_q, x_fp = torch.full((10_000,), 1.3), torch.full((10_000,), 2.7)
+    mixed = policy.mix_unit_input(x_q, x_fp)
+    out = q(mixed)
+    assert torch.equal(out.unique(), torch.tensor([1.0, 2.7]))  # q(x_q) or the fp value, never x_q itself
+    assert abs((out == 1.0).float().mean().item() - 0.5) < 0.02
+    inner = q(torch.full((100,), 1.3))  # any other tensor falls back to its own value
+    assert torch.equal(inner.unique(), torch.tensor([1.0, 1.3]))
+
+
+def test_same_generator_same_masks() -> None:
+    outs = []
+    for _ in range(2):
+        q = _quantizer()
+        p = DropPolicy()
+        p.begin([q], torch.Generator().manual_seed(7))
+        outs.append(q(torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 3))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_prob_validation() -> None:
+    with pytest.raises(ConfigError):
+        DropPolicy(DropPolicy.make_config({"prob": 1.5}))
+
+
+def test_qdrop_recipe_is_brecq_plus_drop() -> None:
+    s = Session()
+    r = resolve_recipe(s, "qdrop")
+    assert (r.rounding.name, r.scheduler.name, r.loss.name) == ("adaround", "block", "mse")
+    assert r.activation_policy.name == "drop" and r.activation_policy.options["prob"] == 0.5
+    assert r.recon.order == "joint" and r.recon.learn_act_step and r.recon.act_lr == 4e-5
+
+
+class TestQDropRecipe(RecipeSmoke):
+    recipe = "qdrop"
