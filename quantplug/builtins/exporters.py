@@ -1,0 +1,433 @@
+"""Built-in exporter ``int`` (packed integer weights), its loader, and the ``quantplug export`` command.
+
+Packed-integer artifact (an export directory):
+
+* ``model.packed.safetensors``: for every layer with quantized weights, the integer codes packed at their
+  bit width into a ``uint8`` tensor ``<layer>.weight_packed``; the layer's scales and zero points (fp32, one
+  per row of its granularity, as in the run); and every other tensor of the run's state unchanged (biases,
+  activation-quantizer parameters, layers kept in full precision, embeddings, norms). The full-precision
+  ``<layer>.weight`` and the unpacked ``<layer>.weight_codes`` of packed layers are not stored.
+* ``quantplug.json``: a copy of the run's manifest plus ``export`` (format, source) and ``packing``
+  (layout, per-layer bits / grid / shape / byte count, the SHA-256 of the weights file).
+
+Bit layout (``PACKING_LAYOUT``): a layer's codes are taken in row-major order of the weight tensor, each
+stored as the unsigned value ``code - qmin`` (``qmin`` = -2^(b-1) for a symmetric grid, 0 otherwise) in
+``b`` bits. Value ``i`` occupies bits ``[i*b, (i+1)*b)`` of one little-endian bit stream, least significant
+bit first, and stream bit ``k`` is bit ``k % 8`` of byte ``k // 8``. So 2-bit codes pack four to a byte,
+4-bit two to a byte (the first code in the low nibble), 8-bit one to a byte, and 3-bit codes densely,
+eight codes in three bytes. The last byte is zero-padded. Any width from 1 to 8 bits works the same way.
+
+``load_packed(dir)`` unpacks the codes, rebuilds the model through its adapter exactly as
+``quantplug.export.load`` does, and loads the state: the forward pass uses the same integer codes, scales
+and zero points, so outputs are identical (``torch.equal``) to the fake-quant model of the run. Each packed
+layer's ``weight`` parameter is set to its dequantized codes (the full-precision weight is not shipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from quantplug.config import Recipe
+from quantplug.errors import ArtifactError, ConfigError
+from quantplug.export import MANIFEST, read_manifest
+from quantplug.hookspecs import hookimpl
+from quantplug.interfaces import Exporter
+from quantplug.modules import QuantLayer, quant_layers
+
+logger = logging.getLogger(__name__)
+
+PACKED_WEIGHTS = "model.packed.safetensors"
+PACKING_VERSION = 1
+PACKING_LAYOUT = "lsb-first-bitstream"
+_CHUNK = 1 << 20  # codes per packing step (a multiple of 8, so every chunk starts on a byte boundary)
+
+
+# --------------------------------------------------------------------------- bit packing
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes needed for ``numel`` values of ``bits`` bits each."""
+    return (numel * bits + 7) // 8
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ConfigError(f"can pack 1 to 8 bits per code, not {bits!r}")
+
+
+def pack_codes(codes: torch.Tensor, bits: int, qmin: int = 0) -> torch.Tensor:
+    """Pack integer ``codes`` (any shape, values in ``[qmin, qmin + 2^bits - 1]``) into a flat ``uint8`` tensor.
+
+    See the module docstring for the layout.
+    """
+    _check_bits(bits)
+    flat = codes.detach().reshape(-1).to("cpu", torch.int32)
+    if flat.numel():
+        lo, hi = int(flat.min()), int(flat.max())
+        if lo < qmin or hi > qmin + (1 << bits) - 1:
+            raise ConfigError(
+                f"codes in [{lo}, {hi}] do not fit {bits} bits starting at {qmin}; "
+                f"expected [{qmin}, {qmin + (1 << bits) - 1}]"
+            )
+    values = (flat - qmin).numpy().astype(np.uint8)
+    n = values.size
+    out = np.zeros(packed_nbytes(n, bits), dtype=np.uint8)
+    shifts = np.arange(bits, dtype=np.uint8)
+    for start in range(0, n, _CHUNK):
+        chunk = values[start:start + _CHUNK]
+        bitmat = (chunk[:, None] >> shifts) & 1
+        packed = np.packbits(bitmat.reshape(-1), bitorder="little")
+        offset = start * bits // 8
+        out[offset:offset + packed.size] = packed
+    return torch.from_numpy(out)
+
+
+def unpack_codes(
+    packed: torch.Tensor, bits: int, numel: int, qmin: int = 0, dtype: torch.dtype = torch.int16
+) -> torch.Tensor:
+    """Inverse of ``pack_codes``: a flat tensor of ``numel`` codes of ``dtype``."""
+    _check_bits(bits)
+    data = packed.detach().reshape(-1).to("cpu")
+    if data.dtype != torch.uint8:
+        raise ArtifactError(f"packed codes must be uint8, got {data.dtype}")
+    expected = packed_nbytes(numel, bits)
+    if data.numel() != expected:
+        raise ArtifactError(f"packed codes have {data.numel()} bytes; {numel} codes of {bits} bits need {expected}")
+    raw = data.numpy()
+    values = np.empty(numel, dtype=np.int16)
+    shifts = np.arange(bits, dtype=np.uint16)
+    for start in range(0, numel, _CHUNK):
+        m = min(_CHUNK, numel - start)
+        offset = start * bits // 8
+        bitmat = np.unpackbits(raw[offset:offset + packed_nbytes(m, bits)], bitorder="little", count=m * bits)
+        values[start:start + m] = (bitmat.reshape(m, bits).astype(np.uint16) << shifts).sum(1, dtype=np.uint16)
+    return (torch.from_numpy(values) + qmin).to(dtype)
+
+
+# --------------------------------------------------------------------------- atomic output
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a temporary sibling directory of ``out_dir``; on success rename it to ``out_dir`` (replacing it).
+
+    On any error the temporary directory is removed and ``out_dir`` is left as it was.
+    """
+    target = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".quantplug-export-tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(target):
+            backup = target + ".old"
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(target, backup)
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_out_dir(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
+    """Refuse to write an export over its own source directory."""
+    if os.path.abspath(os.fspath(run_dir)) == os.path.abspath(os.fspath(out_dir)):
+        raise ConfigError(f"the export directory {out_dir} is the run directory itself; choose another --out")
+
+
+def directory_bytes(path: str | os.PathLike[str]) -> dict[str, int]:
+    """Sizes on disk of the files directly in ``path`` (name -> bytes)."""
+    root = os.fspath(path)
+    return {name: os.path.getsize(os.path.join(root, name)) for name in sorted(os.listdir(root))
+            if os.path.isfile(os.path.join(root, name))}
+
+
+def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
+    with open(os.path.join(directory, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- the int exporter
+def _layer_codes(layer: QuantLayer, name: str) -> torch.Tensor:
+    if layer.weight_codes is not None:
+        return layer.weight_codes
+    logger.info("layer %s was not hardened; packing its round-to-nearest codes", name)
+    return layer.nearest_codes().to(torch.int16)
+
+
+class IntExporter(Exporter):
+    """Packed integer weights: codes at their bit width (2/3/4/8...), fp32 scales and zero points, in safetensors.
+
+    Loadable with ``quantplug.builtins.exporters.load_packed`` (and ``quantplug.export.load``), giving
+    outputs identical to the fake-quant model. Layout: see ``quantplug.builtins.exporters``.
+    """
+
+    name = "int"
+
+    @dataclass(frozen=True)
+    class Config:
+        """The packed-integer format has no options."""
+
+    def export(self, model: nn.Module | None, run_dir: Any, out_dir: Any, **_: Any) -> dict[str, Any]:
+        run_dir, out_dir = os.fspath(run_dir), os.fspath(out_dir)
+        check_out_dir(run_dir, out_dir)
+        manifest = read_manifest(run_dir)
+        if model is None:
+            from quantplug.export import load
+
+            model = load(run_dir)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        layers: dict[str, dict[str, Any]] = {}
+        for name, layer in quant_layers(model):
+            if not layer.quantizes_weight:
+                continue
+            spec = layer.weight_spec
+            assert spec is not None
+            codes = _layer_codes(layer, name)
+            prefix = f"{name}." if name else ""
+            state.pop(prefix + "weight", None)
+            state.pop(prefix + "weight_codes", None)
+            packed = pack_codes(codes, spec.bits, spec.qmin)
+            key = prefix + "weight_packed"
+            state[key] = packed
+            layers[name] = {
+                "key": key,
+                "bits": spec.bits,
+                "qmin": spec.qmin,
+                "qmax": spec.qmax,
+                "symmetric": spec.symmetric,
+                "granularity": spec.granularity.kind,
+                "shape": list(codes.shape),
+                "numel": codes.numel(),
+                "codes_dtype": str(codes.dtype).removeprefix("torch."),
+                "nbytes": packed.numel(),
+            }
+        if not layers:
+            logger.warning("%s has no layer with quantized weights; the export holds float tensors only", run_dir)
+        with atomic_directory(out_dir) as tmp:
+            weights = os.path.join(tmp, PACKED_WEIGHTS)
+            save_file(state, weights, metadata={"format": "quantplug-packed", "version": str(PACKING_VERSION)})
+            out_manifest = {
+                **{k: v for k, v in manifest.items() if k not in ("export", "packing")},
+                "export": {"format": self.name, "source": os.path.abspath(run_dir),
+                           "source_export": manifest.get("export")},
+                "packing": {
+                    "version": PACKING_VERSION,
+                    "layout": PACKING_LAYOUT,
+                    "layout_doc": "code - qmin in `bits` bits, row-major over the weight; value i at stream bits "
+                                  "[i*bits, (i+1)*bits); stream bit k = bit (k % 8) of byte k // 8",
+                    "file": PACKED_WEIGHTS,
+                    "sha256": sha256_file(weights),
+                    "bytes": os.path.getsize(weights),
+                    "layers": layers,
+                },
+            }
+            write_manifest(tmp, out_manifest)
+        files = directory_bytes(out_dir)
+        info = {"format": self.name, "out_dir": os.path.abspath(out_dir), "files": files,
+                "bytes": sum(files.values()), "packed_layers": len(layers)}
+        logger.info("packed %d layers into %s (%d bytes)", len(layers), out_dir, info["bytes"])
+        return info
+
+
+# --------------------------------------------------------------------------- loader
+def read_packed_state(export_dir: str, manifest: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a packed export with codes unpacked (``<layer>.weight_codes``), after integrity checks."""
+    packing = manifest.get("packing")
+    if not isinstance(packing, dict):
+        raise ArtifactError(f"{export_dir}/{MANIFEST} has no packing section: it is not a packed-integer export")
+    if packing.get("version", 0) > PACKING_VERSION or packing.get("layout") != PACKING_LAYOUT:
+        raise ArtifactError(f"{export_dir} uses packing {packing.get('layout')!r} version {packing.get('version')}; "
+                            "upgrade quantplug to read it")
+    filename = packing.get("file", PACKED_WEIGHTS)
+    path = os.path.join(export_dir, os.path.basename(str(filename)))
+    if not os.path.isfile(path):
+        raise ArtifactError(f"{export_dir} has no {filename}; the export directory is incomplete: "
+                            "re-run `quantplug export --format int`")
+    expected = packing.get("sha256")
+    if expected and sha256_file(path) != expected:
+        raise ArtifactError(f"{path} is corrupt (its SHA-256 does not match the manifest); "
+                            "re-run `quantplug export --format int`")
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path} is corrupt ({exc}); re-run `quantplug export --format int`") from exc
+    layers = packing.get("layers")
+    if not isinstance(layers, dict):
+        raise ArtifactError(f"{export_dir}/{MANIFEST}: packing.layers is missing; the manifest is incomplete")
+    for name, info in layers.items():
+        try:
+            key, bits, qmin = info["key"], int(info["bits"]), int(info["qmin"])
+            numel, shape = int(info["numel"]), [int(s) for s in info["shape"]]
+            dtype = getattr(torch, str(info["codes_dtype"]))
+            if not isinstance(dtype, torch.dtype) or dtype.is_floating_point:
+                raise ValueError(f"codes_dtype {info['codes_dtype']!r} is not an integer dtype")
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ArtifactError(
+                f"{export_dir}/{MANIFEST}: packing entry of layer {name!r} is incomplete or corrupt ({exc})"
+            ) from exc
+        if key not in state:
+            raise ArtifactError(f"{path} lacks {key!r} (packed codes of {name!r}); the export is incomplete")
+        try:
+            codes = unpack_codes(state.pop(key), bits, numel, qmin, dtype)
+        except (ArtifactError, ConfigError) as exc:
+            raise ArtifactError(f"{path}: packed codes of {name!r} are corrupt: {exc}") from exc
+        prefix = f"{name}." if name else ""
+        state[prefix + "weight_codes"] = codes.reshape(shape)
+    return state
+
+
+def load_packed(export_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu",
+                session: Any = None) -> nn.Module:
+    """Rebuild the quantized model of a packed-integer export directory (outputs identical to the run's)."""
+    from quantplug.api import build_quant_model
+    from quantplug.plugins import Session
+
+    export_dir = os.fspath(export_dir)
+    manifest = read_manifest(export_dir)
+    state = read_packed_state(export_dir, manifest)
+    session = session or Session()
+    recipe = Recipe.from_dict(manifest["recipe"])
+    adapter = session.adapter_for(manifest["model_id"])
+    device = torch.device(device)
+    _, model = build_quant_model(adapter, manifest["model_id"], recipe, device, manifest.get("model_options"))
+    packed_layers = list(manifest["packing"]["layers"])
+    modules = dict(model.named_modules())
+    for name in packed_layers:
+        layer = modules.get(name)
+        if not isinstance(layer, QuantLayer) or layer.weight_spec is None:
+            raise ArtifactError(f"{export_dir}: packed layer {name!r} is not a quantized layer of "
+                                f"{manifest['model_id']!r}; the export does not match the model")
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{export_dir}: weights do not match the model {manifest['model_id']!r}: {exc}") from exc
+    dropped = {f"{n}.weight" if n else "weight" for n in packed_layers}
+    missing = sorted(set(result.missing_keys) - dropped)
+    if missing or result.unexpected_keys:
+        raise ArtifactError(f"{export_dir}: weights do not match the model {manifest['model_id']!r} "
+                            f"(missing {missing[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}); "
+                            "the export is incomplete or from another model")
+    with torch.no_grad():
+        for name in packed_layers:
+            layer = modules[name]
+            assert isinstance(layer, QuantLayer) and layer.weight_codes is not None
+            spec = layer.weight_spec
+            assert spec is not None
+            if tuple(layer.weight_codes.shape) != tuple(layer.weight.shape):
+                raise ArtifactError(f"{export_dir}: codes of {name!r} have shape {tuple(layer.weight_codes.shape)}, "
+                                    f"the layer's weight {tuple(layer.weight.shape)}")
+            layer.weight.copy_(layer.dequantize_codes(layer.weight_codes))
+            layer.invalidate_cache()
+    return model.to(device).eval()
+
+
+def is_packed_export(directory: str | os.PathLike[str]) -> bool:
+    """True when ``directory`` holds a packed-integer export (its manifest names the ``int`` format)."""
+    try:
+        manifest = read_manifest(os.fspath(directory))
+    except ArtifactError:
+        return False
+    return manifest.get("export", {}).get("format") == IntExporter.name
+
+
+# --------------------------------------------------------------------------- CLI: quantplug export
+def _default_out(run_dir: str, fmt: str) -> str:
+    return os.path.normpath(os.path.abspath(run_dir)) + f"-{fmt}"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``quantplug export RUN_DIR --format NAME --out DIR``: write a deployable artifact of a saved run."""
+    from quantplug import cli
+    from quantplug.config import parse_override
+    from quantplug.export import load
+
+    session = cli._session()
+    cls = session.exporters.get(args.format)  # unknown format: the registry's error lists what is registered
+    options = dict(parse_override(o) for o in args.option)
+    exporter = cls(cls.make_config(options))
+    out = args.out or _default_out(args.run_dir, args.format)
+    check_out_dir(args.run_dir, out)
+    read_manifest(args.run_dir)  # clear error for a missing / partial run before loading anything
+    model = load(args.run_dir, device=args.device, session=session)
+    kwargs: dict[str, Any] = {}
+    params = inspect.signature(exporter.export).parameters
+    if "session" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs["session"] = session
+    info = exporter.export(model, args.run_dir, out, **kwargs)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"{args.format} export of {args.run_dir} written to {info.get('out_dir', out)}")
+    files = info.get("files") or {}
+    for name, size in files.items():
+        print(f"  {name:<32} {size:>12,d} bytes")
+    if "bytes" in info:
+        print(f"  {'total':<32} {info['bytes']:>12,d} bytes")
+    for key in ("max_abs_diff",):
+        if key in info:
+            print(f"  {key}: {info[key]:.3g}")
+    return 0
+
+
+@hookimpl
+def register_exporters(register) -> None:  # type: ignore[no-untyped-def]
+    register(IntExporter)
+
+
+@hookimpl
+def register_commands(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a deployable artifact of a saved run (packed integers, ONNX QDQ, ...)",
+        description="Export RUN_DIR (the output of `quantplug apply`) with the exporter named by --format; "
+                    "`quantplug list exporter` shows the registered formats.",
+    )
+    p.add_argument("run_dir", help="run directory written by `quantplug apply`")
+    p.add_argument("--format", required=True, help="exporter name: int, onnx (quantplug-onnx), ...")
+    p.add_argument("--out", default=None, help="output directory (default: RUN_DIR-FORMAT next to the run)")
+    p.add_argument("-o", "--option", action="append", default=[], metavar="NAME=VALUE",
+                   help="exporter option, e.g. -o opset=21 for onnx (see `quantplug show exporter NAME`)")
+    p.add_argument("--device", default="cpu", help="device to load the run on")
+    p.add_argument("--json", action="store_true", help="print the export summary as JSON")
+    p.set_defaults(func=cmd_export)
+
+
+__all__ = [
+    "IntExporter",
+    "PACKED_WEIGHTS",
+    "atomic_directory",
+    "check_out_dir",
+    "directory_bytes",
+    "is_packed_export",
+    "load_packed",
+    "pack_codes",
+    "packed_nbytes",
+    "read_packed_state",
+    "unpack_codes",
+    "write_manifest",
+]
