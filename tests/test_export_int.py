@@ -122,6 +122,7 @@ def test_export_reloads_with_identical_outputs_and_is_smaller(runs, tmp_path, ke
     out = tmp_path / "int"
     info = session.exporters.get("int")().export(model, run_dir, out)
     assert info["format"] == "int" and info["packed_layers"] > 0 and (out / PACKED_WEIGHTS).is_file()
+    assert info["packed_weight_bytes"] * 32 <= info["float_weight_bytes"] * 8 + 8 * info["packed_layers"]
     manifest = json.loads((out / MANIFEST).read_text())
     source = json.loads((run_dir / MANIFEST).read_text())
     assert manifest["export"]["format"] == "int" and manifest["recipe"] == source["recipe"]

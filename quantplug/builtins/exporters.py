@@ -192,16 +192,18 @@ class IntExporter(Exporter):
     class Config:
         """The packed-integer format has no options."""
 
-    def export(self, model: nn.Module | None, run_dir: Any, out_dir: Any, **_: Any) -> dict[str, Any]:
+    def export(self, model: nn.Module | None, run_dir: Any, out_dir: Any, *, session: Any = None) -> dict[str, Any]:
+        """Write the packed export of ``model`` (the quantized model of ``run_dir``; loaded when None)."""
         run_dir, out_dir = os.fspath(run_dir), os.fspath(out_dir)
         check_out_dir(run_dir, out_dir)
         manifest = read_manifest(run_dir)
         if model is None:
             from quantplug.export import load
 
-            model = load(run_dir)
+            model = load(run_dir, session=session)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         layers: dict[str, dict[str, Any]] = {}
+        float_weight_bytes = packed_weight_bytes = 0
         for name, layer in quant_layers(model):
             if not layer.quantizes_weight:
                 continue
@@ -214,6 +216,8 @@ class IntExporter(Exporter):
             packed = pack_codes(codes, spec.bits, spec.qmin)
             key = prefix + "weight_packed"
             state[key] = packed
+            float_weight_bytes += layer.weight.numel() * layer.weight.element_size()
+            packed_weight_bytes += packed.numel()
             layers[name] = {
                 "key": key,
                 "bits": spec.bits,
@@ -249,7 +253,8 @@ class IntExporter(Exporter):
             write_manifest(tmp, out_manifest)
         files = directory_bytes(out_dir)
         info = {"format": self.name, "out_dir": os.path.abspath(out_dir), "files": files,
-                "bytes": sum(files.values()), "packed_layers": len(layers)}
+                "bytes": sum(files.values()), "packed_layers": len(layers),
+                "packed_weight_bytes": packed_weight_bytes, "float_weight_bytes": float_weight_bytes}
         logger.info("packed %d layers into %s (%d bytes)", len(layers), out_dir, info["bytes"])
         return info
 
@@ -388,8 +393,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"  {name:<32} {size:>12,d} bytes")
     if "bytes" in info:
         print(f"  {'total':<32} {info['bytes']:>12,d} bytes")
-    for key in ("max_abs_diff",):
-        if key in info:
+    if info.get("float_weight_bytes"):
+        print(f"  quantized weights: {info['packed_weight_bytes']:,d} bytes packed "
+              f"({info['float_weight_bytes']:,d} bytes as fp32) in {info['packed_layers']} layers")
+    for key in ("max_abs_diff", "max_abs_diff_ort_default"):
+        if isinstance(info.get(key), (int, float)):
             print(f"  {key}: {info[key]:.3g}")
     return 0
 

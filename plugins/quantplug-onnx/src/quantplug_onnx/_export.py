@@ -406,6 +406,7 @@ def _summary(exc: BaseException) -> str:
 
 def export_onnx(config: Any, model: nn.Module | None, run_dir: str, out_dir: str, *, session: Any = None,
                 example_inputs: Any = None) -> dict[str, Any]:
+    """Export ``model`` (the quantized model of ``run_dir``) to ``out_dir/model.onnx``; see ``OnnxExporter``."""
     import onnx
 
     from quantplug.export import load
@@ -421,7 +422,9 @@ def export_onnx(config: Any, model: nn.Module | None, run_dir: str, out_dir: str
     session = session or Session()
     if model is None:
         model = load(run_dir, session=session)
-    model = model.cpu().eval()
+    if any(t.device.type != "cpu" for t in (*model.parameters(), *model.buffers())):
+        model = copy.deepcopy(model).cpu()  # export and check on CPU without moving the caller's model
+    model = model.eval()
     adapter = session.adapter_for(manifest["model_id"])
     if example_inputs is None:
         batch = config.batch_size if not config.dynamic_batch else max(config.batch_size, 2)
@@ -451,16 +454,15 @@ def export_onnx(config: Any, model: nn.Module | None, run_dir: str, out_dir: str
             raise OnnxExportError(f"torch.onnx.export failed for {manifest['model_id']!r}: {_summary(exc)}") from exc
     assert program is not None
     proto = program.model_proto
-    narrowed = narrow_to_int4(proto, weights)
-    if config.strip_metadata:
-        strip_metadata(proto)
-    onnx.checker.check_model(proto, full_check=True)
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), config.opset)
     if opset != config.opset:
         raise OnnxExportError(
             f"torch.onnx could not convert the graph of {manifest['model_id']!r} to ONNX opset {config.opset} "
             f"(it kept opset {opset}); export with -o opset={max(opset, _TORCH_EXPORTER_MIN_OPSET)} or later"
         )
+    narrowed = narrow_to_int4(proto, weights)
+    if config.strip_metadata:
+        strip_metadata(proto)
     info: dict[str, Any] = {
         "format": "onnx",
         "opset": opset,
@@ -476,6 +478,10 @@ def export_onnx(config: Any, model: nn.Module | None, run_dir: str, out_dir: str
         path = os.path.join(tmp, ONNX_FILE)
         large = proto.ByteSize() > 1_800_000_000
         onnx.save_model(proto, path, save_as_external_data=large, location=ONNX_FILE + ".data" if large else None)
+        try:
+            onnx.checker.check_model(path, full_check=True)  # by path: works with external data too
+        except onnx.checker.ValidationError as exc:
+            raise OnnxExportError(f"the exported graph of {manifest['model_id']!r} is not valid ONNX: {exc}") from exc
         if config.verify:
             ref = reference.detach().cpu().numpy().astype(np.float64)
             for key, exact in (("max_abs_diff", True), ("max_abs_diff_ort_default", False)):
@@ -483,13 +489,16 @@ def export_onnx(config: Any, model: nn.Module | None, run_dir: str, out_dir: str
                 if out.shape != ref.shape:
                     raise OnnxExportError(f"onnxruntime output shape {out.shape} differs from PyTorch {ref.shape}")
                 info[key] = float(np.abs(out.astype(np.float64) - ref).max())
-            info["ort_exact"] = {"config": EXACT_ORT_CONFIG, "disabled_optimizers": list(EXACT_ORT_DISABLED_OPTIMIZERS)}
+            info["ort_exact"] = {"config": EXACT_ORT_CONFIG,
+                                 "disabled_optimizers": list(EXACT_ORT_DISABLED_OPTIMIZERS)}
             info["verified_samples"] = int(args[0].shape[0])
             import onnxruntime
 
             info["onnxruntime"] = onnxruntime.__version__
-        export_manifest = {**{k: v for k, v in manifest.items() if k not in ("export", "packing")},
-                           "export": {**info, "source": os.path.abspath(run_dir), "config": dataclasses.asdict(config)}}
+        export_manifest = {
+            **{k: v for k, v in manifest.items() if k not in ("export", "packing")},
+            "export": {**info, "source": os.path.abspath(run_dir), "config": dataclasses.asdict(config)},
+        }
         write_manifest(tmp, export_manifest)
     files = directory_bytes(out_dir)
     info.update(out_dir=os.path.abspath(out_dir), files=files, bytes=sum(files.values()))
