@@ -36,6 +36,7 @@ from quantplug.quantizer import qparams_from_range
 logger = logging.getLogger(__name__)
 
 _MIB = 1 << 20
+_CACHE_ELEMENTS = 1 << 18  # elements per temporary in the hot loops: stays in cache, avoids page faults
 
 
 # --------------------------------------------------------------------------- shared plumbing
@@ -327,8 +328,9 @@ class _LatticeHistogram:
     def _fit_exponent(self, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
         lo64, hi64 = lo.double(), hi.double()
         magnitude = torch.maximum(lo64.abs(), hi64.abs())
-        # bins never finer than float32 can resolve (keeps lattice indices exact in float32)
-        span = torch.maximum(hi64 - lo64, torch.clamp(magnitude * 2.0**-10, min=1e-30))
+        # cells no finer than |x| * 2^-22: cell indices stay below 2^22, exact in float32 arithmetic
+        floor_span = torch.clamp(magnitude * ((self.num_bins - 1) * 2.0**-22), min=1e-30)
+        span = torch.maximum(hi64 - lo64, floor_span)
         exponent = torch.ceil(torch.log2(span / (self.num_bins - 1))).long()
         for _ in range(4):
             width = torch.exp2(exponent.double())
@@ -391,33 +393,19 @@ class _LatticeHistogram:
         return counts.clamp_(min=0.0)
 
 
-def _histc_rows(x: torch.Tensor, bins: int, upper: torch.Tensor) -> torch.Tensor:
-    """Per-row histogram of ``x`` over ``[0, upper[r]]`` with ``bins`` equal bins (float64 arithmetic)."""
+def _histc_rows(x: torch.Tensor, bins: int, width: torch.Tensor) -> torch.Tensor:
+    """Per-row histogram of ``x`` (>= 0) with ``bins`` bins of ``width[r]`` from 0 (float64 arithmetic)."""
     out = torch.zeros(x.shape[0], bins, dtype=torch.float64, device=x.device)
     step = 1 << 22
     for r in range(x.shape[0]):
-        top = float(upper[r])
-        if top <= 0.0:
+        w = float(width[r])
+        if w <= 0.0:  # only zeros seen so far
             out[r, 0] += x.shape[1]
             continue
         for start in range(0, x.shape[1], step):
             part = x[r, start : start + step].double()
-            out[r] += torch.histc(part, bins=bins, min=0.0, max=top)
+            out[r] += torch.histc(part, bins=bins, min=0.0, max=bins * w)
     return out
-
-
-def _rebin_uniform(counts: torch.Tensor, old_top: torch.Tensor, new_top: torch.Tensor) -> torch.Tensor:
-    """Move counts of equal bins over ``[0, old_top]`` onto equal bins over ``[0, new_top]`` (uniform within bins)."""
-    rows, bins = counts.shape
-    cum = torch.cat([torch.zeros(rows, 1, dtype=counts.dtype, device=counts.device), counts.cumsum(1)], dim=1)
-    ratio = torch.where(new_top > 0, old_top.double() / new_top.double().clamp(min=1e-300), 0.0)
-    pos = torch.arange(bins + 1, device=counts.device, dtype=torch.float64)[None, :] / ratio.clamp(min=1e-300)[:, None]
-    pos = pos.clamp(max=float(bins))
-    idx = torch.floor(pos).long().clamp(max=bins - 1)
-    frac = pos - idx.double()
-    at_new_edges = cum.gather(1, idx) + frac * counts.gather(1, idx)
-    moved = at_new_edges[:, 1:] - at_new_edges[:, :-1]
-    return torch.where((old_top > 0)[:, None], moved, counts)
 
 
 # --------------------------------------------------------------------------- MSE search: scorers
@@ -435,7 +423,9 @@ class _ExactScorer:
         self.values = values
         self.qmin, self.qmax = float(spec.qmin), float(spec.qmax)
         self.p = p
-        self.chunk = max(1, budget_bytes // (8 * max(values.shape[1], 1)))
+        n = max(values.shape[1], 1)
+        self.chunk = max(1, min(budget_bytes // (8 * n), _CACHE_ELEMENTS // n))  # cache-sized temporaries
+        self.budget_elements = max(_CACHE_ELEMENTS, budget_bytes // 8)
 
     def __call__(self, row: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         return self._lp(row, scale, zero_point, self.qmin, self.qmax)
@@ -476,7 +466,8 @@ class _HistogramScorer:
         self.qmin, self.qmax = float(spec.qmin), float(spec.qmax)
         self.p = p
         self.cell = 2.0 * 0.5 ** (p + 1.0) / (p + 1.0)
-        self.chunk = max(1, budget_bytes // (48 * self.edges.shape[1]))
+        width = self.edges.shape[1]
+        self.chunk = max(1, min(budget_bytes // (48 * width), (_CACHE_ELEMENTS // 4) // width))
 
     def __call__(self, row: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
         assert self.width is not None
@@ -605,11 +596,11 @@ class _ExactRangeZeroPointSearch(_RangeZeroPointSearch):
     whose counts come from the bucket counts, so zero-point probes only touch clipped values.
 
     Ranges are pruned with two lower bounds against the best score of a coarse pass (every tenth range of
-    the wider half),
-    both valid for every zero point: the unclipped rounding error on the lattice (the bucket total), and
-    a clipping bound: the k-th smallest and the k-th largest value lie together at least ``gap_k - width``
-    outside any window of ``width``, costing at least ``2 ((gap_k - width) / 2)^p`` (convexity of
-    ``t^p``); gaps are sorted, so blocks of ``s`` pairs are bounded by ``s`` times their smallest gap term.
+    the wider half, then the neighbours of its best), both valid for every zero point: the unclipped
+    rounding error on the lattice (the bucket total), and a clipping bound: the k-th smallest and the k-th
+    largest value lie together at least ``gap_k - width`` outside any window of ``width``, costing at least
+    ``2 ((gap_k - width) / 2)^p`` (convexity of ``t^p``); gaps are sorted, so blocks of ``s`` pairs are
+    bounded by ``s`` times their smallest gap term.
 
     These scores use the lattice ``delta`` while the official candidate uses the scale that
     ``qparams_from_range`` derives from its range (equal up to float rounding), so the near-best
@@ -617,16 +608,14 @@ class _ExactRangeZeroPointSearch(_RangeZeroPointSearch):
     exact ``fake_quant`` arithmetic and the official order decides ties.
     """
 
-    def __init__(
-        self, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, num: int, scorer: _ExactScorer
-    ) -> None:
+    def __init__(self, lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec, num: int, scorer: _ExactScorer) -> None:
         super().__init__(lo, hi, spec, num)
         self.scorer = scorer
         self.p = scorer.p
         self.sorted = scorer.values.sort(dim=1).values.contiguous()
         self.n = self.sorted.shape[1]
-        self.budget = scorer.chunk * self.n  # elements per temporary
-        self.cache_elems = 1 << 18  # cache-friendly chunk for the per-value passes
+        self.budget = scorer.budget_elements  # elements per temporary (memory cap)
+        self.cache_elems = _CACHE_ELEMENTS  # cache-friendly chunk for the per-value passes
         half = self.n // 2
         gaps = self.sorted[:, self.n - half :].flip(1) - self.sorted[:, :half]
         self.block = max(1, half // 512)
@@ -732,11 +721,11 @@ class _ExactRangeZeroPointSearch(_RangeZeroPointSearch):
                 rows: torch.Tensor = rows,
                 delta: torch.Tensor = delta,
             ) -> torch.Tensor:
-                first = (qmin - zp + levels + 1)[:, None]  # bucket of code a
-                after = (qmax - zp + levels + 2)[:, None]  # one past the bucket of code b
-                below = cum_count[idx].gather(1, first).squeeze(1)
-                upto = cum_count[idx].gather(1, after).squeeze(1)
-                inside = (cum_error[idx].gather(1, after) - cum_error[idx].gather(1, first)).squeeze(1)
+                first = qmin - zp + levels + 1  # bucket of code a
+                after = qmax - zp + levels + 2  # one past the bucket of code b
+                below = cum_count[idx, first]
+                upto = cum_count[idx, after]
+                inside = cum_error[idx, after] - cum_error[idx, first]
                 d = delta[idx]
                 left = self.tails(rows[idx], (qmin - zp).to(d.dtype) * d, below.long(), left=True)
                 right = self.tails(rows[idx], (qmax - zp).to(d.dtype) * d, (self.n - upto).long(), left=False)
@@ -980,21 +969,23 @@ class ACIQObserver(_RowObserver):
             return
         x = prepared[0]
         assert self._min is not None and self._max is not None
-        x64 = x.double()
         if self._shift is None:
-            self._shift = x64.mean(1)
+            self._shift = x.mean(1, dtype=torch.float64)
             zeros = torch.zeros_like(self._shift)
             self._n, self._sum_shifted, self._sumsq_shifted = zeros.clone(), zeros.clone(), zeros.clone()
             self._sum_abs, self._sumsq, self._zeros = zeros.clone(), zeros.clone(), zeros.clone()
         assert self._n is not None and self._sum_shifted is not None and self._sumsq_shifted is not None
         assert self._sum_abs is not None and self._sumsq is not None and self._zeros is not None
-        centred = x64 - self._shift[:, None]
         self._n = self._n + x.shape[1]
-        self._sum_shifted = self._sum_shifted + centred.sum(1)
-        self._sumsq_shifted = self._sumsq_shifted + (centred * centred).sum(1)
-        self._sum_abs = self._sum_abs + x64.abs().sum(1)
-        self._sumsq = self._sumsq + (x64 * x64).sum(1)
-        self._zeros = self._zeros + (x == 0).sum(1).double()
+        step = max(1, (1 << 22) // x.shape[0])
+        for start in range(0, x.shape[1], step):
+            x64 = x[:, start : start + step].double()
+            centred = x64 - self._shift[:, None]
+            self._sum_shifted += centred.sum(1)
+            self._sumsq_shifted += centred.square_().sum(1)
+            self._sum_abs += x64.abs().sum(1)
+            self._sumsq += x64.square_().sum(1)
+            self._zeros += (x64 == 0).sum(1).double()
         if self.config.distribution == "laplace":
             if self._hist is None:
                 self._hist = _LatticeHistogram(x.shape[0], self.config.histogram_bins, x.device, track_sums=True)
@@ -1030,12 +1021,14 @@ class ACIQObserver(_RowObserver):
         positive = lo64 >= 0
         negative = hi64 <= 0
         low = torch.where(positive, torch.zeros_like(low), torch.where(negative, torch.maximum(-half_alpha, lo64), low))
-        high = torch.where(positive, torch.minimum(half_alpha, hi64), torch.where(negative, torch.zeros_like(high), high))
+        high = torch.where(
+            positive, torch.minimum(half_alpha, hi64), torch.where(negative, torch.zeros_like(high), high)
+        )
         return qparams_from_range(low.float(), high.float(), self.spec)
 
 
 # --------------------------------------------------------------------------- KL (TensorRT entropy calibration)
-def kl_best_bins(hist: torch.Tensor, levels: int, max_elements: int = 1 << 22) -> torch.Tensor:
+def kl_best_bins(hist: torch.Tensor, levels: int) -> torch.Tensor:
     """TensorRT's entropy calibration for each row of ``hist`` (``[rows, bins]`` counts of ``|x|``).
 
     For every candidate ``i`` in ``[levels, bins]``: the reference ``P = hist[:i]`` with the outliers
@@ -1043,49 +1036,42 @@ def kl_best_bins(hist: torch.Tensor, levels: int, max_elements: int = 1 << 22) -
     (bin ``k`` goes to group ``floor(k * levels / i)``) and spreads each group's count evenly over its
     non-empty bins (empty bins stay empty); both are normalized and ``KL(P || Q)`` computed
     (infinite when ``P`` has mass where ``Q`` has none). Returns the first ``i`` with the smallest
-    divergence per row; the threshold is ``i`` bin widths. Vectorized over candidates in chunks.
+    divergence per row; the threshold is ``i`` bin widths.
+
+    Vectorized in O(levels) per candidate: all non-empty bins of a group share one ``Q`` value, so
+    ``sum_k hist_k log Q_k = sum_g S_g log(S_g / NZ_g)`` from cumulative sums of counts and of non-empty
+    bins, and ``sum P log P`` comes from a cumulative sum of ``hist log hist``.
     """
     rows, bins = hist.shape
     device = hist.device
-    hist = hist.double()
+    h = hist.double()
     zero = torch.zeros(rows, 1, dtype=torch.float64, device=device)
-    cum = torch.cat([zero, hist.cumsum(1)], dim=1)
-    cum_nz = torch.cat([zero, (hist > 0).double().cumsum(1)], dim=1)
-    total = cum[:, -1]
-    candidates = torch.arange(levels, bins + 1, device=device)
-    k = torch.arange(bins, device=device)
+    cum = torch.cat([zero, h.cumsum(1)], dim=1)
+    cum_nz = torch.cat([zero, (h > 0).double().cumsum(1)], dim=1)
+    cum_hlogh = torch.cat([zero, torch.xlogy(h, h).cumsum(1)], dim=1)
+    total = cum[:, -1:]
+    i = torch.arange(levels, bins + 1, device=device)
     groups = torch.arange(levels + 1, device=device)
-    chunk = max(1, max_elements // bins)
+    starts = torch.div(groups[None, :] * i[:, None] + levels - 1, levels, rounding_mode="floor")  # first bin of g
     best = torch.full((rows,), bins, dtype=torch.long, device=device)
-    best_kl = torch.full((rows,), float("inf"), dtype=torch.float64, device=device)
-    for r in range(rows):
-        h, c, cn = hist[r], cum[r], cum_nz[r]
-        if float(total[r]) <= 0:
-            continue
-        for start in range(0, candidates.numel(), chunk):
-            i = candidates[start : start + chunk]
-            starts = torch.div(groups[None, :] * i[:, None] + levels - 1, levels, rounding_mode="floor")
-            group_sum = c[starts[:, 1:]] - c[starts[:, :-1]]
-            group_nz = cn[starts[:, 1:]] - cn[starts[:, :-1]]
-            group_avg = torch.where(group_nz > 0, group_sum / group_nz.clamp(min=1.0), torch.zeros_like(group_sum))
-            inside = k[None, :] < i[:, None]
-            group_of = torch.div(k[None, :] * levels, i[:, None], rounding_mode="floor").clamp_(max=levels - 1)
-            q = torch.where(inside & (h > 0)[None, :], group_avg.gather(1, group_of), torch.zeros((), dtype=h.dtype))
-            p = torch.where(inside, h[None, :].expand_as(q), torch.zeros((), dtype=h.dtype)).clone()
-            tail = total[r] - c[i]
-            p.scatter_add_(1, (i - 1)[:, None], tail[:, None])
-            p = p / total[r]
-            q_total = q.sum(1, keepdim=True)
-            q = q / q_total.clamp(min=1e-300)
-            positive = p > 0
-            ratio = torch.where(positive, p / q.clamp(min=1e-300), torch.ones_like(p))
-            kl = torch.where(positive, p * torch.log(ratio), torch.zeros_like(p)).sum(1)
-            impossible = (positive & (q <= 0)).any(1) | (q_total.squeeze(1) <= 0)
-            kl = torch.where(impossible, torch.full_like(kl, float("inf")), kl)
-            j = int(torch.argmin(kl))
-            if float(kl[j]) < float(best_kl[r]):
-                best_kl[r] = kl[j]
-                best[r] = i[j]
+    step = max(1, (1 << 21) // (i.numel() * levels))
+    for first in range(0, rows, step):
+        r = slice(first, first + step)
+        c, cn, t = cum[r], cum_nz[r], total[r]
+        group_sum = c[:, starts[:, 1:]] - c[:, starts[:, :-1]]  # [rows, candidates, levels]
+        group_nz = cn[:, starts[:, 1:]] - cn[:, starts[:, :-1]]
+        cross = torch.xlogy(group_sum, group_sum / group_nz.clamp(min=1.0)).sum(2)  # sum_k<i h_k log avg_g(k)
+        kept = c[:, i]  # sum hist[:i] = mass of the unnormalized Q
+        tail = t - kept
+        last = h[r][:, i - 1]
+        last_avg = group_sum[:, :, -1] / group_nz[:, :, -1].clamp(min=1.0)  # bin i-1 is in the last group
+        p_log_p = cum_hlogh[r][:, i - 1] + torch.xlogy(last + tail, last + tail)
+        p_log_q = cross + torch.xlogy(tail, last_avg)
+        safe_t = torch.where(t > 0, t, torch.ones_like(t))
+        kl = (p_log_p - p_log_q) / safe_t - torch.log(safe_t) + torch.log(kept)
+        impossible = ((tail > 0) & (last <= 0)) | (kept <= 0)
+        kl = torch.where(impossible, torch.full_like(kl, float("inf")), kl)
+        best[r] = torch.where(t.squeeze(1) > 0, i[kl.argmin(1)], torch.full_like(best[r], bins))
     return best
 
 
@@ -1101,9 +1087,11 @@ class KLObserver(_RowObserver):
     one-sided rows (all >= 0 or all <= 0) with an asymmetric spec, which are clipped to ``[0, t]``
     (``[-t, 0]``).
 
-    Over several batches the histogram accumulates; when ``max |x|`` grows, the existing counts are
-    re-binned onto the wider bins assuming uniform values inside each bin (exact for one batch).
-    Cost is O(rows * num_bins^2) at compute time (about 50 ms per row at 2048 bins).
+    Over several batches the histogram accumulates exactly: the first batch fixes the bin width
+    (``max |x| / num_bins``) and, when a later batch has a larger ``max |x|``, bins of the same width are
+    appended (as NVIDIA's pytorch-quantization does; pairs are merged if they exceed ``8 * num_bins``);
+    candidate thresholds then run up to the last bin.
+    Cost at compute time is O(rows * num_bins * levels) (a few ms per row at 2048 bins).
     """
 
     name = "kl"
@@ -1120,7 +1108,7 @@ class KLObserver(_RowObserver):
         if 2**spec.bits > self.config.num_bins:
             raise ConfigError(f"kl: num_bins ({self.config.num_bins}) must be at least 2^bits = {2**spec.bits}")
         self._hist: torch.Tensor | None = None
-        self._top: torch.Tensor | None = None
+        self._width: torch.Tensor | None = None
 
     def observe(self, rows: torch.Tensor, batch_size: int | None = None) -> None:
         prepared = self._prepare(rows)
@@ -1128,29 +1116,41 @@ class KLObserver(_RowObserver):
             return
         x, lo, hi = prepared
         top = torch.maximum(lo.abs(), hi.abs()).double()
-        if self._hist is None or self._top is None:
-            self._top = top
-            self._hist = _histc_rows(x.abs(), self.config.num_bins, top)
+        magnitude = x.abs()
+        num_bins = self.config.num_bins
+        if self._hist is None or self._width is None:
+            self._width = top / num_bins
+            self._hist = _histc_rows(magnitude, num_bins, self._width)
             return
-        new_top = torch.maximum(self._top, top)
-        if bool((new_top > self._top).any()):
-            self._hist = _rebin_uniform(self._hist, self._top, new_top)
-            self._top = new_top
-        self._hist = self._hist + _histc_rows(x.abs(), self.config.num_bins, self._top)
+        hist, width = self._hist, self._width
+        unset = width <= 0  # rows that only saw zeros: start their bins now, zeros go to bin 0
+        width = torch.where(unset, top / num_bins, width)
+        bins = hist.shape[1]
+        needed = int(torch.ceil(top / torch.where(width > 0, width, torch.ones_like(width))).max())
+        if needed > bins:  # extend with bins of the same width, as NVIDIA's pytorch-quantization does
+            hist = torch.cat([hist, hist.new_zeros(hist.shape[0], needed - bins)], dim=1)
+            bins = needed
+        while bins > 8 * num_bins:  # too many bins: merge pairs exactly
+            if bins % 2:
+                hist = torch.cat([hist, hist.new_zeros(hist.shape[0], 1)], dim=1)
+            hist = hist.reshape(hist.shape[0], -1, 2).sum(2)
+            width = width * 2
+            bins = hist.shape[1]
+        self._hist = hist + _histc_rows(magnitude, bins, width)
+        self._width = width
 
     def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
         lo, hi = self._require_data()
-        assert self._hist is not None and self._top is not None
+        assert self._hist is not None and self._width is not None
         positive = lo >= 0
         negative = hi <= 0
         one_sided = (positive | negative) if not self.spec.symmetric else torch.zeros_like(positive)
-        width = self._top / self.config.num_bins
         span = self.spec.qmax - self.spec.qmin + 1
-        threshold = torch.zeros_like(self._top)
+        threshold = torch.zeros_like(self._width)
         for mask, levels in ((one_sided, span), (~one_sided, span // 2)):
             rows = torch.nonzero(mask).squeeze(1)
             if rows.numel():
-                threshold[rows] = kl_best_bins(self._hist[rows], levels).double() * width[rows]
+                threshold[rows] = kl_best_bins(self._hist[rows], levels).double() * self._width[rows]
         t = threshold.float()
         low = torch.where(positive & one_sided, torch.zeros_like(t), -t)
         high = torch.where(negative & one_sided, torch.zeros_like(t), t)
