@@ -415,6 +415,27 @@ def test_mse_auto_switches_to_histogram_and_merges_exactly() -> None:
     assert torch.equal(streamed.compute()[0], at_once.compute()[0])
 
 
+def test_mse_histogram_edge_cases() -> None:
+    g = _gen(19)
+    spec = QuantSpec(8, False, PerChannel(0))
+    config = obs.MSEObserver.Config(method="histogram", histogram_bins=256)
+    rows = torch.stack(
+        [
+            1000.0 + 0.01 * torch.randn(5000, generator=g),  # tiny spread far from 0
+            torch.zeros(5000),  # all zeros
+            torch.randn(5000, generator=g).relu(),  # point mass at 0
+            -3.0 * torch.rand(5000, generator=g),  # one-sided negative
+        ]
+    )
+    observer = obs.MSEObserver(spec, config)
+    observer.observe(rows[:, :2500])
+    observer.observe(rows[:, 2500:] * 2)
+    scale, zp = observer.compute()
+    assert bool(torch.isfinite(scale).all() & (scale > 0).all())
+    assert bool(((zp >= 0) & (zp <= 255)).all())
+    assert observer._hist is not None and float(observer._hist.counts.sum()) == 4 * 5000
+
+
 # --------------------------------------------------------------------------- ACIQ
 def _golden(f: object, a: float, b: float) -> float:
     ratio = (math.sqrt(5) - 1) / 2
