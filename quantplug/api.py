@@ -29,8 +29,6 @@ from quantplug.recipes import resolve_recipe
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "testing:tiny-resnet"
-
 
 @dataclass
 class ApplyResult:
@@ -44,10 +42,6 @@ class ApplyResult:
     memory: str = ""
     seconds: float = 0.0
     model: nn.Module | None = None
-
-
-def default_model_id() -> str:
-    return os.environ.get("QUANTPLUG_DEFAULT_MODEL", DEFAULT_MODEL)
 
 
 def build_quant_model(
@@ -153,7 +147,7 @@ def apply(
     t0 = time.perf_counter()
     session = session or Session()
     recipe = resolve(session, plugin, base=base, preset=preset, overrides=overrides or {})
-    model_id = model_id or default_model_id()
+    model_id = model_id or session.default_model_id()
     dev = _device(device)
     torch.manual_seed(recipe.calib.seed)
     adapter = session.adapter_for(model_id)

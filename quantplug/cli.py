@@ -35,6 +35,9 @@ def _add_apply(sub: Any) -> None:
     p.add_argument("--base", default=None, help="base recipe for a modifier recipe (e.g. --plugin mrecg --base qdrop)")
     p.add_argument("--preset", default=None, help="named preset of the recipe (e.g. official, cpu-fast)")
     p.add_argument("--data", default=None, help="data spec (default: the model's own default data)")
+    p.add_argument("--weights", default=None, help="pretrained weights of a hub model (e.g. DEFAULT, IMAGENET1K_V1)")
+    p.add_argument("--arch", default=None, help="architecture of a local state-dict file (e.g. resnet18)")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of a freshly built model")
     p.add_argument("--w-bits", type=int, default=None, help="weight bits (2-8); first/last layers stay at 8")
     p.add_argument("--a-bits", type=int, default=None, help="activation bits (2-8; 0 or 32: no activation quant)")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration samples")
@@ -59,22 +62,29 @@ def _default_out(plugin: str, model_id: str) -> str:
     return os.path.join("runs", f"{plugin}-{safe}")
 
 
+def _model_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = {"weights": args.weights, "arch": args.arch, "num_classes": args.num_classes}
+    return {k: v for k, v in options.items() if v is not None}
+
+
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
-    from quantplug.api import apply, cli_overrides, default_model_id
+    from quantplug.api import apply, cli_overrides
     from quantplug.config import parse_override
 
     overrides = cli_overrides(w_bits=args.w_bits, a_bits=args.a_bits, calib_samples=args.calib_samples,
                               batch_size=args.batch_size, iters=args.iters, seed=args.seed, cache=args.cache)
     overrides.update(dict(parse_override(o) for o in args.override))
-    model_id = args.model_id or default_model_id()
+    session = _session()
+    model_id = args.model_id or session.default_model_id()
     out = None if args.no_save or args.dry_run else (args.out or _default_out(args.plugin, model_id))
     result = apply(args.plugin, model_id, data=args.data, base=args.base, preset=args.preset, overrides=overrides,
                    device=args.device, out_dir=out, eval_samples=args.eval_samples, resume=args.resume,
-                   dry_run=args.dry_run, report=None if args.dry_run else _stderr)
+                   dry_run=args.dry_run, report=None if args.dry_run else _stderr, session=session,
+                   model_options=_model_options(args))
     if args.dry_run:
         info = {"recipe": result.recipe.to_dict(), "plan": result.plan, "memory": result.memory,
                 "model_id": model_id}

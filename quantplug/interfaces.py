@@ -241,6 +241,12 @@ class ModelAdapter(Component):
 
     kind = "model_adapter"
     prefixes: ClassVar[tuple[str, ...]] = ()
+    #: the model ``quantplug apply`` uses when none is given (if ``default_available()``)
+    default_model: ClassVar[str | None] = None
+
+    def default_available(self) -> bool:
+        """Whether ``default_model`` can be loaded offline right now (e.g. its weights ship with the package)."""
+        return self.default_model is not None
 
     def can_load(self, model_id: str) -> bool:
         return any(model_id.startswith(p + ":") for p in self.prefixes)

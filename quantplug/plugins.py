@@ -51,6 +51,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "quantplug.builtins.policies",
     "quantplug.builtins.recipes",
     "quantplug.builtins.testing_models",
+    "quantplug.builtins.exporters",
 )
 
 # hook name -> (registry attribute, required base class)
@@ -217,6 +218,23 @@ class Session:
             f"{', '.join(p + ':' for p in prefixes) or 'none'}. For torchvision models install quantplug-torchvision, "
             "for Hugging Face models quantplug-transformers"
         )
+
+    def default_model_id(self) -> str:
+        """The embedded default model: a plugin's default when available, else the built-in tiny model."""
+        env = os.environ.get("QUANTPLUG_DEFAULT_MODEL")
+        if env:
+            return env
+        fallback = None
+        for entry in self.model_adapters:
+            adapter = entry.obj()
+            if not adapter.default_model or not adapter.default_available():
+                continue
+            if entry.provider != "quantplug":
+                return adapter.default_model
+            fallback = adapter.default_model
+        if fallback is None:
+            raise QuantplugError("no model given and no adapter offers a default model; pass a model id")
+        return fallback
 
     def data_source_for(self, spec: str) -> DataSource:
         for entry in self.data_sources:

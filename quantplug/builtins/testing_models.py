@@ -36,6 +36,7 @@ class TinyModelAdapter(ModelAdapter):
 
     name = "testing"
     prefixes = ("testing",)
+    default_model = "testing:tiny-resnet"
 
     def _key(self, model_id: str) -> str:
         key = model_id.split(":", 1)[1]

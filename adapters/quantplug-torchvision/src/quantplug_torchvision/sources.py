@@ -1,0 +1,122 @@
+"""Image data sources: Fashion-MNIST (full or the embedded subset), ImageFolder directories, tensor files.
+
+Specs:
+
+* ``fmnist[:SIZE]``: the 60 000 / 10 000 Fashion-MNIST images (Debian package ``dataset-fashion-mnist``,
+  ``$QUANTPLUG_FASHION_MNIST`` or a torchvision root), preprocessed to SIZE x SIZE (default 32);
+* ``fmnist-subset[:SIZE]``: 512 training and 1 000 test images shipped inside this package;
+* ``imagefolder:DIR``: ImageNet layout ``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*.jpg``, resized to
+  256, center-cropped to 224 and normalized with the ImageNet mean / std (``QUANTPLUG_IMAGE_SIZE`` /
+  ``QUANTPLUG_RESIZE`` change the sizes);
+* ``tensors:FILE``: ``torch.save({"train": (x, y), "test": (x, y)})`` or a single ``(x, y)`` for both splits.
+
+Calibration samples come from the training split, drawn with the seed; evaluation uses the test split.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from quantplug.errors import DataError
+from quantplug.interfaces import DataSource
+
+
+def _pick(dataset: Dataset, num_samples: int | None, seed: int, split: str) -> Dataset:
+    n = len(dataset)  # type: ignore[arg-type]
+    if num_samples is None or num_samples >= n:
+        return dataset
+    if split == "test":  # evaluation subsets are the first N, the same for every seed
+        return Subset(dataset, range(num_samples))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_samples]
+    return Subset(dataset, perm.tolist())
+
+
+def _split(split: str) -> str:
+    if split not in ("train", "test"):
+        raise DataError(f"split must be train or test, not {split!r}")
+    return split
+
+
+class FashionMNISTSource(DataSource):
+    """Fashion-MNIST (Xiao et al., 2017): the full data set, or the subset embedded in this package."""
+
+    name = "fmnist"
+    prefixes = ("fmnist", "fmnist-subset")
+
+    def load(self, spec: str, split: str, *, num_samples: int | None, seed: int) -> Dataset:
+        from quantplug_torchvision import fashion_mnist as fm
+
+        kind, _, size_text = spec.partition(":")
+        try:
+            size = int(size_text) if size_text else 32
+        except ValueError:
+            raise DataError(f"bad image size in {spec!r}; use e.g. fmnist:32") from None
+        split = _split(split)
+        if kind == "fmnist-subset":
+            data = fm.load_subset()
+            key = "calib" if split == "train" else "test"
+            images, labels = data[f"{key}_images"], data[f"{key}_labels"]
+        else:
+            try:
+                images, labels = fm.load_fashion_mnist(split)
+            except FileNotFoundError as exc:
+                raise DataError(str(exc)) from exc
+        dataset = TensorDataset(fm.preprocess(images, size), torch.as_tensor(labels))
+        return _pick(dataset, num_samples, seed, split)
+
+
+class ImageFolderSource(DataSource):
+    """Any ImageNet-layout directory (``train/`` and ``val/`` of class folders) via torchvision's ImageFolder."""
+
+    name = "imagefolder"
+    prefixes = ("imagefolder",)
+
+    def load(self, spec: str, split: str, *, num_samples: int | None, seed: int) -> Dataset:
+        from torchvision import datasets, transforms
+
+        root = spec.partition(":")[2]
+        sub = {"train": "train", "test": "val"}[_split(split)]
+        path = os.path.join(root, sub)
+        if not os.path.isdir(path):
+            raise DataError(f"{path} does not exist: an ImageFolder root needs train/ and val/ class folders")
+        size = int(os.environ.get("QUANTPLUG_IMAGE_SIZE", 224))
+        resize = int(os.environ.get("QUANTPLUG_RESIZE", 256))
+        tf = transforms.Compose([
+            transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(),
+            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+        ])
+        try:
+            dataset = datasets.ImageFolder(path, transform=tf)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise DataError(f"no images found under {path}: {exc}") from exc
+        return _pick(dataset, num_samples, seed, split)
+
+
+class TensorFileSource(DataSource):
+    """Tensors saved with ``torch.save``: ``{"train": (x, y), "test": (x, y)}`` or one ``(x, y)`` pair."""
+
+    name = "tensors"
+    prefixes = ("tensors",)
+
+    def load(self, spec: str, split: str, *, num_samples: int | None, seed: int) -> Dataset:
+        path = spec.partition(":")[2]
+        if not os.path.isfile(path):
+            raise DataError(f"tensor file {path!r} does not exist")
+        try:
+            obj: Any = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise DataError(f"{path} is not a readable torch.save file of tensors: {exc}") from exc
+        if isinstance(obj, dict):
+            if _split(split) not in obj:
+                raise DataError(f"{path} has no {split!r} entry; keys: {sorted(obj)}")
+            obj = obj[split]
+        if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
+            raise DataError(f"{path} must hold (inputs, targets) tensors")
+        x, y = obj
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise DataError(f"{path} contains NaN or inf inputs; clean the data first")
+        return _pick(TensorDataset(x, y), num_samples, seed, split)
