@@ -60,15 +60,27 @@ def _pairs_from_order(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every conv -> BN pair in place (model must be in eval mode); BN modules become ``Identity``."""
+    """Fold every conv -> BN pair in place (model must be in eval mode); BN modules become ``Identity``.
+
+    The folded statistics stay available as ``model.quantplug_bn_stats``: ``{conv name: {"mean", "var",
+    "weight", "bias", "eps"}}`` (what PD-Quant's distribution correction and analytic bias correction need).
+    """
     from quantplug.modules import set_submodule
 
     model.eval()
     pairs = _pairs_from_fx(model)
     if pairs is None:
         pairs = _pairs_from_order(model)
+    stats: dict[str, dict[str, object]] = dict(getattr(model, "quantplug_bn_stats", {}))
     for conv_name, bn_name in pairs:
-        fuse_conv_bn(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        bn = model.get_submodule(bn_name)
+        stats[conv_name] = {
+            "mean": bn.running_mean.detach().clone(), "var": bn.running_var.detach().clone(),
+            "weight": bn.weight.detach().clone() if bn.affine else None,
+            "bias": bn.bias.detach().clone() if bn.affine else None, "eps": bn.eps,
+        }
+        fuse_conv_bn(model.get_submodule(conv_name), bn)
         set_submodule(model, bn_name, nn.Identity())
+    object.__setattr__(model, "quantplug_bn_stats", stats)
     logger.debug("folded %d batch-norm layers", len(pairs))
     return model

@@ -346,7 +346,11 @@ class ReconstructionEngine:
                            round_params, step_params, iters, generator)
         for layer in layers:
             if layer.rounder is not None:
-                layer.set_codes(layer.rounder.hard_codes())
+                qparams = layer.rounder.final_qparams()
+                codes = layer.rounder.hard_codes()
+                if qparams is not None:
+                    layer.weight_quantizer.set_qparams(*qparams)
+                layer.set_codes(codes)
             elif layer.quantizes_weight and layer.weight_codes is None:
                 layer.set_codes(layer.nearest_codes())
         for q in act_quantizers:

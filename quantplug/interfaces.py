@@ -107,6 +107,11 @@ class WeightRounder(nn.Module):
         """Final integer codes (grid indices including the zero point), shape of the weight."""
         raise NotImplementedError
 
+    def final_qparams(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Scale and zero point (``[rows]``) the hard codes refer to, when the rounding learned its own grid
+        (FlexRound's s1); None keeps the layer's weight quantizer as it is. Called before ``hard_codes``."""
+        return None
+
 
 class Rounding(Component):
     """Decides how weights land on the quantization grid."""

@@ -184,3 +184,47 @@ def test_weights_first_order_runs_two_passes(session, fast) -> None:  # type: ig
     layers = dict(quant_layers(result.model))
     assert all(layer.input_quantizer.enabled for layer in layers.values())
     assert result.quant_metrics["top1"] > 50
+
+
+def test_bn_statistics_are_kept_after_folding() -> None:
+    model = tiny_resnet(0).eval()
+    bn = model.stem.bn
+    with torch.no_grad():
+        bn.running_mean.fill_(0.25)
+    fold_batchnorm(model)
+    stats = model.quantplug_bn_stats
+    assert set(stats) >= {"stem.conv", "layer1.0.conv1", "layer2.0.downsample.0"}
+    assert torch.equal(stats["stem.conv"]["mean"], torch.full((8,), 0.25))
+
+
+def test_rounder_final_qparams_replace_the_grid(session, fast) -> None:  # type: ignore[no-untyped-def]
+    """A rounding that learns its own grid (FlexRound's s1) hands its scale over when hardening."""
+    from quantplug import hookimpl as impl
+    from quantplug.builtins.roundings import NearestRounder
+    from quantplug.interfaces import Rounding
+
+    class HalfGrid(NearestRounder):
+        def final_qparams(self):  # type: ignore[no-untyped-def]
+            q = self.layer[0].weight_quantizer
+            return q.scale / 2, q.zero_point
+
+    class HalfGridRounding(Rounding):
+        """Test-only: reports half the quantizer's scale as its final grid."""
+
+        name = "half-grid"
+
+        def attach(self, layer, *, generator=None):  # type: ignore[no-untyped-def]
+            return HalfGrid(layer)
+
+    class P:
+        @impl
+        def register_roundings(self, register):  # type: ignore[no-untyped-def]
+            register(HalfGridRounding)
+
+    session.pm.register(P())
+    session.roundings.register(HalfGridRounding, "test")
+    ref = apply("nearest", session=session, overrides={**fast, "activation": None}, eval_samples=20)
+    half = apply("nearest", session=session, eval_samples=20,
+                 overrides={**fast, "activation": None, "rounding.name": "half-grid"})
+    a, b = dict(quant_layers(ref.model)), dict(quant_layers(half.model))
+    assert torch.allclose(b["layer1.0.conv1"].weight_quantizer.scale, a["layer1.0.conv1"].weight_quantizer.scale / 2)
