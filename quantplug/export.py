@@ -9,10 +9,12 @@ loads the state: outputs are identical to the model that was saved.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,30 +30,40 @@ WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
 
-def save_run(model: nn.Module, manifest: dict[str, Any], out_dir: str) -> str:
-    """Write ``out_dir`` atomically: everything goes to a temporary sibling directory, then a rename."""
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike[str]) -> Iterator[str]:
+    """Yield a temporary sibling directory of ``out_dir``; on success rename it to ``out_dir`` (replacing it).
+
+    On any error the temporary directory is removed and ``out_dir`` is left as it was.
+    """
+    target = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".quantplug-tmp-", dir=parent)
     try:
+        yield tmp
+        if os.path.exists(target):
+            backup = target + ".old"
+            shutil.rmtree(backup, ignore_errors=True)
+            os.replace(target, backup)
+            os.replace(tmp, target)
+            shutil.rmtree(backup, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_run(model: nn.Module, manifest: dict[str, Any], out_dir: str) -> str:
+    """Write ``out_dir`` atomically: everything goes to a temporary sibling directory, then a rename."""
+    with atomic_directory(out_dir) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "quantplug", "version": str(FORMAT_VERSION)})
         manifest = {"format_version": FORMAT_VERSION, **manifest}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True, default=str)
-        if os.path.exists(out_dir):
-            backup = out_dir + ".old"
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(out_dir, backup)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return os.path.abspath(out_dir)
 
 
 def read_manifest(run_dir: str) -> dict[str, Any]:

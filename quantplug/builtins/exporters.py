@@ -26,15 +26,11 @@ layer's ``weight`` parameter is set to its dequantized codes (the full-precision
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import inspect
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +42,7 @@ from torch import nn
 
 from quantplug.config import Recipe
 from quantplug.errors import ArtifactError, ConfigError
-from quantplug.export import MANIFEST, read_manifest
+from quantplug.export import MANIFEST, atomic_directory, read_manifest
 from quantplug.hookspecs import hookimpl
 from quantplug.interfaces import Exporter
 from quantplug.modules import QuantLayer, quant_layers
@@ -120,31 +116,6 @@ def unpack_codes(
 
 
 # --------------------------------------------------------------------------- atomic output
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a temporary sibling directory of ``out_dir``; on success rename it to ``out_dir`` (replacing it).
-
-    On any error the temporary directory is removed and ``out_dir`` is left as it was.
-    """
-    target = os.path.abspath(os.fspath(out_dir))
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".quantplug-export-tmp-", dir=parent)
-    try:
-        yield tmp
-        if os.path.exists(target):
-            backup = target + ".old"
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(target, backup)
-            os.replace(tmp, target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def check_out_dir(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
     """Refuse to write an export over its own source directory."""
     if os.path.abspath(os.fspath(run_dir)) == os.path.abspath(os.fspath(out_dir)):
