@@ -34,7 +34,7 @@ def test_resnet18_zoo_w8a8_within_half_a_point_and_w4a4_loses_visibly() -> None:
                overrides={**over, "weight.bits": 8, "activation.bits": 8})
     fp = w8.fp_metrics["top1"]
     # the committed fp16 weights reproduce the accuracy recorded by the training script
-    assert fp == pytest.approx(100 * recorded["test_top1_fp16_weights"], abs=0.02)
+    assert fp == pytest.approx(100 * recorded["test_top1_fp16_weights"], abs=0.05)
     assert fp >= 92.0
     assert abs(w8.quant_metrics["top1"] - fp) <= 0.5
     w4 = apply("nearest", "zoo:resnet18-fmnist", data="fmnist:32", session=session,

@@ -15,9 +15,9 @@ Recipe (identical for every arch unless overridden on the command line):
   draws the per-epoch data order -- so a resumed run sees exactly the same batches.
 * optimizer: SGD, momentum 0.9, Nesterov, weight decay ``--wd`` (not applied to BN / bias parameters),
   batch size ``--batch-size``, cross entropy with label smoothing ``--label-smoothing``.
-* schedule: one-cycle per iteration: linear warm-up from ``lr/25`` to ``--lr`` over the first ``--warmup``
-  fraction of all iterations, then cosine annealing to ``lr/25/1e4`` (``torch.optim.lr_scheduler.OneCycleLR``,
-  ``anneal_strategy="cos"``, ``three_phase=False``).
+* schedule: one-cycle, stepped per iteration: cosine-shaped warm-up from ``lr/25`` to ``--lr`` over the first
+  ``--warmup`` fraction of all iterations, then cosine annealing to ``lr/25/1e4``
+  (``torch.optim.lr_scheduler.OneCycleLR``, ``anneal_strategy="cos"``, ``three_phase=False``, momentum fixed).
 
 Outputs (written atomically: temp file in the same directory, then ``os.replace``):
 
