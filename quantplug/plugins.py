@@ -52,6 +52,8 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "quantplug.builtins.recipes",
     "quantplug.builtins.testing_models",
     "quantplug.builtins.exporters",
+    "quantplug.builtins.authoring",
+    "quantplug.builtins.reporting",
 )
 
 # hook name -> (registry attribute, required base class)

@@ -10,10 +10,10 @@ import os
 
 import pytest
 import torch
+from quantplug_torchvision.adapter import available_zoo_models, zoo_dir
 
 from quantplug.api import apply
 from quantplug.plugins import Session
-from quantplug_torchvision.adapter import available_zoo_models, zoo_dir
 
 HAVE_DATA = os.path.isdir("/usr/share/datasets/fashion-mnist") or bool(os.environ.get("QUANTPLUG_FASHION_MNIST"))
 pytestmark = pytest.mark.slow
