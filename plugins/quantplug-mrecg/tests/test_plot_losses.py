@@ -1,0 +1,62 @@
+"""plot_losses.py on real runs of testing:tiny-resnet: block-wise QDrop and MRECG + QDrop."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from quantplug.plugins import Session
+
+torch.set_num_threads(1)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "plot_losses.py"
+OVERRIDES = {"weight.bits": 3, "activation.bits": 4, "recon.iters": 20, "calib.num_samples": 64,
+             "calib.batch_size": 32}
+
+
+def _script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("plot_losses", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_oscillation_is_the_total_of_the_drops() -> None:
+    plot_losses = _script()
+    assert plot_losses.oscillation([1.0, 3.0, 2.0, 5.0, 1.0]) == pytest.approx(1.0 + 4.0)
+    assert plot_losses.oscillation([1.0, 2.0, 4.0]) == 0.0
+
+
+def test_plots_runs_of_tiny_resnet(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from quantplug.api import apply
+
+    plot_losses = _script()
+    runs = {}
+    for name, recipe, base in (("qdrop", "qdrop", None), ("mrecg", "mrecg", "qdrop")):
+        out = tmp_path / name
+        apply(recipe, "testing:tiny-resnet", base=base, session=Session(), overrides=OVERRIDES, eval_samples=32,
+              evaluate_fp=False, out_dir=str(out))
+        runs[name] = out
+    manifest = json.loads((runs["mrecg"] / "quantplug.json").read_text())
+    assert [u["name"] for u in manifest["units"]] == ["stem", "layer1.0", "layer1.1+layer2.0", "head"]
+
+    block, mixed = plot_losses.series_of(runs["qdrop"]), plot_losses.series_of(runs["mrecg"])
+    assert len(block) == len(mixed) == 1
+    assert block[0].depth == [1, 3, 5, 8, 9] and mixed[0].depth == [1, 3, 8, 9]  # layers reconstructed so far
+    assert "mrecg+qdrop" in mixed[0].label
+
+    png = tmp_path / "plots" / "losses.png"
+    assert plot_losses.main([str(runs["qdrop"]), str(runs["mrecg"]), "--out", str(png), "--before"]) == 0
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert not [p for p in png.parent.iterdir() if p != png]  # no temporary file left behind
+    assert plot_losses.main([str(tmp_path / "missing"), "--out", str(png)]) == 2
