@@ -163,6 +163,7 @@ def apply(
     calib_targets = [b[1] for b in calib]
     blocks = adapter.blocks(fp_model)
     scheduler = session.make("scheduler", recipe.scheduler)
+    scheduler.bind(fp_model)
     plan = scheduler.plan(blocks)
     ckpt = (os.path.abspath(out_dir) + ".checkpoint") if out_dir else None
     run = RunContext(session, recipe, adapter, fp_model, q_model, blocks, calib_inputs, calib_targets, dev,

@@ -135,6 +135,8 @@ class ReconConfig:
     iters: int = 20000
     batch_size: int = 32
     lr: float = 1e-3
+    #: learning-rate schedule of the rounding parameters: constant (AdaRound / BRECQ / QDrop) or cosine to 0
+    lr_schedule: str = "constant"
     learn_act_step: bool = False
     act_lr: float = 4e-5
     #: "joint": rounding and activation steps learned together with activations quantized (QDrop);
@@ -147,6 +149,8 @@ class ReconConfig:
     log_every: int = 500
 
     def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"recon.lr_schedule must be constant or cosine; got {self.lr_schedule!r}")
         if self.order not in ("joint", "weights_first"):
             raise ConfigError(f"recon.order must be joint or weights_first; got {self.order!r}")
         if self.cache not in ("cpu", "fp16", "disk"):

@@ -375,7 +375,10 @@ class ReconstructionEngine:
         optimizers: list[torch.optim.Optimizer] = []
         schedulers: list[Any] = []
         if round_params:
-            optimizers.append(torch.optim.Adam(round_params, lr=recon.lr))
+            round_opt = torch.optim.Adam(round_params, lr=recon.lr)
+            optimizers.append(round_opt)
+            if recon.lr_schedule == "cosine":
+                schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(round_opt, T_max=iters, eta_min=0.0))
         if step_params:
             opt = torch.optim.Adam(step_params, lr=recon.act_lr)
             optimizers.append(opt)

@@ -188,6 +188,9 @@ class GranularityScheduler(Component):
 
     kind = "scheduler"
 
+    def bind(self, model: nn.Module) -> None:
+        """Called once before ``plan`` with the BN-folded full-precision model (default: ignored)."""
+
     def plan(self, blocks: Sequence[UnitSpec]) -> list[ReconUnit]:
         raise NotImplementedError
 

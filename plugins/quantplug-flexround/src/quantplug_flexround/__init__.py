@@ -147,6 +147,7 @@ FLEXROUND = RecipeSpec(
         "recon.order": "joint",
         "recon.iters": 5000,
         "recon.lr": 3e-3,
+        "recon.lr_schedule": "cosine",  # the released code decays the scale lr to 0 with a cosine schedule
         "recon.batch_size": 32,
         "calib.num_samples": 1024,
     },
