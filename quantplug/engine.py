@@ -314,13 +314,9 @@ class ReconstructionEngine:
         inputs = capture(run, run.q_model, q_entry, output=False, cache_mode=self.cache_mode)
         targets = capture(run, run.fp_model, fp_exit, output=True, cache_mode=self.cache_mode)
         fp_inputs = None
-        if self.policy.needs_fp_inputs:
+        if self.policy.needs_fp_inputs or any(t.applies_to == "fp_inputs" for t in self.transforms):
             fp_inputs = capture(run, run.fp_model, fp_entry, output=False, cache_mode=self.cache_mode)
-        for transform in self.transforms:
-            step = run.recipe.calib.batch_size
-            for start in range(0, inputs.num, step):
-                sl = slice(start, min(start + step, inputs.num))
-                inputs.write(start, transform.apply(run, unit, inputs.read(sl, run.device)))
+        self._apply_transforms(unit, inputs, fp_inputs, targets)
         extras = {k: v.detach().cpu() for k, v in self.loss.capture_extras(run, unit).items()}
         missing = set(self.loss.extra_keys) - set(extras)
         if missing:
@@ -364,6 +360,23 @@ class ReconstructionEngine:
         logger.info("unit %s (%s): loss %.4g -> %.4g (%d iters, %.1fs)", unit.name, pass_name, loss_before,
                     loss_after, iters, record.seconds)
         return record
+
+    def _apply_transforms(self, unit: ReconUnit, inputs: TensorCache, fp_inputs: TensorCache | None,
+                          targets: TensorCache) -> None:
+        run = self.run
+        step = run.recipe.calib.batch_size
+        for transform in self.transforms:
+            cache = fp_inputs if transform.applies_to == "fp_inputs" else inputs
+            assert cache is not None
+            for start in range(0, cache.num, step):
+                sl = slice(start, min(start + step, cache.num))
+                cache.write(start, transform.apply(run, unit, cache.read(sl, run.device)))
+            if transform.applies_to == "fp_inputs":  # the targets follow the corrected fp inputs
+                fp_module = unit_module(run, run.fp_model, unit)
+                with torch.no_grad():
+                    for start in range(0, cache.num, step):
+                        sl = slice(start, min(start + step, cache.num))
+                        targets.write(start, fp_module(cache.read(sl, run.device)))
 
     def _optimize(self, unit: ReconUnit, module: nn.Module, inputs: TensorCache, targets: TensorCache,
                   fp_inputs: TensorCache | None, extras: dict[str, torch.Tensor], rounders: list[Any],

@@ -224,6 +224,9 @@ class DataTransform(Component):
     """Changes calibration inputs of a unit before reconstruction (e.g. PD-Quant distribution correction)."""
 
     kind = "data_transform"
+    #: "inputs": the quantized-model inputs of the unit are transformed; "fp_inputs": the full-precision
+    #: inputs are, and the unit's full-precision targets are recomputed from them (PD-Quant's correction)
+    applies_to: ClassVar[str] = "inputs"
 
     def apply(self, run: Any, unit: ReconUnit, inputs: torch.Tensor) -> torch.Tensor:
         """Return the transformed version of one batch of the unit's cached inputs (same shape)."""

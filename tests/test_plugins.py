@@ -232,3 +232,48 @@ def test_data_transform_and_loss_extras_reach_the_engine() -> None:
     # 3 training batches of 8, then before/after evaluations over 48 samples in slices of 8
     assert seen["batches"] == [8] * (6 + 3 + 6)
     assert len(result.records) == 1
+
+
+def test_fp_input_transform_recomputes_targets() -> None:
+    """A transform on the full-precision inputs changes the targets the unit is reconstructed toward."""
+    import torch
+
+    from quantplug.api import apply
+    from quantplug.interfaces import DataTransform, LossContext, ReconstructionLoss
+
+    seen: dict[str, float] = {}
+
+    class ZeroFp(DataTransform):
+        """Zero the fp inputs (test only)."""
+
+        name = "zero-fp"
+        applies_to = "fp_inputs"
+
+        def apply(self, run, unit, inputs):  # type: ignore[no-untyped-def]
+            return torch.zeros_like(inputs)
+
+    class Spy(ReconstructionLoss):
+        """MSE that records the largest target seen (test only)."""
+
+        name = "spy"
+
+        def __call__(self, output, target, context: LossContext):  # type: ignore[no-untyped-def]
+            seen[str(len(seen))] = float(target.std(0).max())  # spread over samples
+            return (output - target).square().mean()
+
+    class P:
+        @hookimpl
+        def register_data_transforms(self, register):  # type: ignore[no-untyped-def]
+            register(ZeroFp)
+
+        @hookimpl
+        def register_losses(self, register):  # type: ignore[no-untyped-def]
+            register(Spy)
+
+    s = Session(entry_points=False, plugins=[P()])
+    apply("nearest", session=s, eval_samples=20,
+          overrides={"calib.num_samples": 16, "loss.name": "spy", "data_transforms": [{"name": "zero-fp"}],
+                     "scheduler.name": "block",
+                     "activation": None})
+    # every unit's fp input was zeroed, so its recomputed targets are the same for every sample
+    assert seen and max(seen.values()) == 0.0

@@ -219,6 +219,7 @@ class DistributionCorrection(DataTransform):
     """
 
     name = "distribution_correction"
+    applies_to = "fp_inputs"  # official: the fp block input is corrected and the fp target recomputed from it
 
     @dataclass(frozen=True)
     class Config:
