@@ -8,7 +8,8 @@ from quantplug.recipes import RecipeSpec
 NEAREST = RecipeSpec(
     name="nearest",
     description="Round-to-nearest PTQ: MSE-calibrated per-channel weights and per-tensor activations, no training",
-    overrides={"rounding.name": "nearest", "recon.iters": 0},
+    # no training: 256 calibration samples are plenty for the observers and keep the embedded default fast
+    overrides={"rounding.name": "nearest", "recon.iters": 0, "calib.num_samples": 256},
     source="Nagel et al., 'A White Paper on Neural Network Quantization', 2021 (PTQ baseline)",
 )
 
