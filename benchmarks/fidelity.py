@@ -132,12 +132,13 @@ def main() -> None:
                     "peak_rss_mib": [r["peak_rss_mib"] for r in ok],
                     "errors": [r["error"] for r in runs if "error" in r],
                 })
-    load_end = os.getloadavg()
-    write_table(rows, fp_cache, args, command, load_start, load_end)
+                # rewrite the table after every configuration: an interrupted benchmark keeps what it measured
+                write_table(rows, fp_cache, args, command, load_start, os.getloadavg(), quiet=True)
+    write_table(rows, fp_cache, args, command, load_start, os.getloadavg())
 
 
 def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], args: argparse.Namespace,
-                command: str, load_start: tuple[float, ...], load_end: tuple[float, ...]) -> None:
+                command: str, load_start: tuple[float, ...], load_end: tuple[float, ...], quiet: bool = False) -> None:
     import torch
 
     lines = [
@@ -165,7 +166,8 @@ def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], arg
         rss = f"{max(r['peak_rss_mib']):.0f}" if r["peak_rss_mib"] else "n/a"
         lines.append(f"| {r['model']} | {fp_text} | {r['setting']} | {r['method']} | {top1} | {secs} | {rss} |")
     text = "\n".join(lines) + "\n"
-    print(text)
+    if not quiet:
+        print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
