@@ -25,7 +25,7 @@ def _meta(arch: str) -> dict:
 
 @pytest.mark.skipif(not HAVE_DATA, reason="needs dataset-fashion-mnist (installed by .ci/run)")
 @pytest.mark.skipif("resnet18-fmnist" not in available_zoo_models(), reason="zoo weights not trained yet")
-def test_resnet18_zoo_w8a8_within_half_a_point_and_w4a4_loses_visibly() -> None:
+def test_resnet18_zoo_w8a8_within_half_a_point_and_low_bits_lose_accuracy() -> None:
     torch.set_num_threads(2)
     session = Session()
     recorded = _meta("resnet18")
@@ -37,6 +37,11 @@ def test_resnet18_zoo_w8a8_within_half_a_point_and_w4a4_loses_visibly() -> None:
     assert fp == pytest.approx(100 * recorded["test_top1_fp16_weights"], abs=0.05)
     assert fp >= 92.0
     assert abs(w8.quant_metrics["top1"] - fp) <= 0.5
+    # measured here: W4A4 nearest costs this Fashion-MNIST model only about 0.1 point (92.44 -> 92.32); the
+    # loss becomes visible at two-bit weights (W2A4: 86.9, see benchmarks/results)
     w4 = apply("nearest", "zoo:resnet18-fmnist", data="fmnist:32", session=session,
                overrides={**over, "weight.bits": 4, "activation.bits": 4}, evaluate_fp=False)
-    assert w4.quant_metrics["top1"] < fp - 1.0
+    assert w4.quant_metrics["top1"] < fp
+    w2 = apply("nearest", "zoo:resnet18-fmnist", data="fmnist:32", session=session,
+               overrides={**over, "weight.bits": 2, "activation.bits": 4}, evaluate_fp=False)
+    assert w2.quant_metrics["top1"] < fp - 2.0
