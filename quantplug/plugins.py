@@ -118,6 +118,7 @@ class Session:
         self.data_sources: Registry[type[DataSource]] = Registry("data source")
         self.exporters: Registry[type[Exporter]] = Registry("exporter")
         self.distributions: dict[str, dict[str, str]] = {}
+        self.broken: dict[str, dict[str, str]] = {}
         if os.environ.get("QUANTPLUG_TRACE_PLUGINS"):
             self._enable_trace()
         if builtins:
@@ -131,6 +132,12 @@ class Session:
                 self.pm.register(plugin, name=name)
         self.pm.check_pending()
         self._collect()
+        if self.broken:
+            note = (
+                f" Plugins that failed to import (see `quantplug plugins`): {', '.join(sorted(self.broken))}."
+            )
+            for _, registry in self.components():
+                registry.note = note
 
     # ------------------------------------------------------------------ discovery
     def _load_entry_points(self) -> None:
@@ -147,11 +154,16 @@ class Session:
                 continue
             try:
                 plugin = ep.load()
-            except Exception as exc:  # a broken plugin must not take the host down silently
-                raise QuantplugError(
+            except Exception as exc:  # one broken plugin must not take the host and the others down
+                message = (
                     f"plugin {ep.name!r} (distribution {dist}) failed to import: {exc}. "
                     f"Reinstall it or disable it with QUANTPLUG_DISABLE_PLUGINS={ep.name}"
-                ) from exc
+                )
+                if os.environ.get("QUANTPLUG_STRICT_PLUGINS"):
+                    raise QuantplugError(message) from exc
+                logger.warning("%s; skipping it (QUANTPLUG_STRICT_PLUGINS=1 makes this an error)", message)
+                self.broken[ep.name] = {"distribution": dist, "error": f"{type(exc).__name__}: {exc}"}
+                continue
             self.pm.register(plugin, name=ep.name)
             version = ep.dist.version if ep.dist is not None else "unknown"
             self.distributions[ep.name] = {"distribution": dist, "version": version}
@@ -275,6 +287,11 @@ class Session:
                 if self.provider_name(pname) == info["name"]:
                     hooks.update(h.name for h in self.pm.get_hookcallers(plugin) or [])
             info["hooks"] = sorted(hooks)
+        for plugin_name, meta in self.broken.items():
+            info = providers.setdefault(meta["distribution"], {"name": meta["distribution"], "registers": {}})
+            info.setdefault("entry_points", []).append(plugin_name)
+            info["error"] = meta["error"]
+            info.setdefault("hooks", [])
         return sorted(providers.values(), key=lambda i: (not i.get("builtin", False), i["name"]))
 
 

@@ -25,6 +25,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Entry[T]] = {}
+        self.note = ""
 
     def register(self, obj: T, provider: str, name: str | None = None) -> None:
         name = name or getattr(obj, "name", "")
@@ -55,7 +56,7 @@ class Registry(Generic[T]):
         hint = f" Did you mean {close[0]!r}?" if close else ""
         return (
             f"unknown {self.kind} {name!r}.{hint} Registered: {', '.join(known) or 'none'}. "
-            f"If it comes from a plugin, install it: pip install quantplug-{name}"
+            f"If it comes from a plugin, install it: pip install quantplug-{name}.{self.note}"
         )
 
     def __contains__(self, name: object) -> bool:

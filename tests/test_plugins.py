@@ -132,11 +132,28 @@ def test_trace_logs_hook_calls(monkeypatch: pytest.MonkeyPatch, caplog: pytest.L
     assert "register_roundings" in text and "on_run_end" in text
 
 
-def test_broken_plugin_import_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broken_plugin_import_is_a_clear_error_in_strict_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     ep = md.EntryPoint(name="broken", value="does_not_exist_quantplug_mod", group="quantplug")
     monkeypatch.setattr("quantplug.plugins.md.entry_points", lambda **kw: [ep])
+    monkeypatch.setenv("QUANTPLUG_STRICT_PLUGINS", "1")
     with pytest.raises(QuantplugError, match="QUANTPLUG_DISABLE_PLUGINS=broken"):
         Session()
+
+
+def test_broken_plugin_is_skipped_with_a_warning_and_reported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ep = md.EntryPoint(name="broken", value="does_not_exist_quantplug_mod", group="quantplug")
+    monkeypatch.setattr("quantplug.plugins.md.entry_points", lambda **kw: [ep])
+    monkeypatch.delenv("QUANTPLUG_STRICT_PLUGINS", raising=False)
+    with caplog.at_level(logging.WARNING, logger="quantplug.plugins"):
+        s = Session()
+    assert "broken" in caplog.text and "QUANTPLUG_DISABLE_PLUGINS=broken" in caplog.text
+    assert "nearest" in s.roundings  # the built-ins still work
+    report = {p["name"]: p for p in s.plugin_report()}
+    assert "ModuleNotFoundError" in report["broken"]["error"]
+    with pytest.raises(QuantplugError, match="failed to import.*broken"):
+        s.roundings.get("brokenround")
 
 
 def test_unknown_option_of_component_is_an_error() -> None:
