@@ -8,6 +8,8 @@ under its provider name. Environment controls:
 * ``QUANTPLUG_LOAD_PLUGINS=a,b``: load only these entry-point plugins (empty: none).
 * ``QUANTPLUG_DISABLE_PLUGINS=a,b``: skip these entry-point plugins.
 * ``QUANTPLUG_TRACE_PLUGINS=1``: log every hook call (logger ``quantplug.trace``).
+* ``QUANTPLUG_STRICT_PLUGINS=1``: a plugin that fails to import is an error (default: a warning, the
+  plugin is skipped and listed with its error by ``quantplug plugins``).
 """
 
 from __future__ import annotations
