@@ -23,6 +23,7 @@ from quantplug.errors import ConfigError, DataError
 from quantplug.evaluate import compare, evaluate
 from quantplug.export import save_run
 from quantplug.interfaces import ModelAdapter
+from quantplug.passes import ModelPasses
 from quantplug.plugins import Session
 from quantplug.prepare import LayerBits, prepare_model, resolve_layer_bits
 from quantplug.recipes import resolve_recipe
@@ -40,6 +41,7 @@ class ApplyResult:
     records: list[UnitRecord] = field(default_factory=list)
     plan: list[str] = field(default_factory=list)
     memory: str = ""
+    passes: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     model: nn.Module | None = None
 
@@ -50,10 +52,17 @@ def build_quant_model(
     recipe: Recipe,
     device: torch.device,
     options: Mapping[str, Any] | None = None,
+    float_passes: Callable[[nn.Module], None] | None = None,
 ) -> tuple[nn.Module, nn.Module]:
-    """Load, fold BN, and return (full-precision copy, model prepared for quantization)."""
+    """Load, fold BN, and return (full-precision copy, model prepared for quantization).
+
+    ``float_passes`` runs on the folded float model before the full-precision copy is taken (the
+    recipe's ``float``-stage model passes).
+    """
     model = adapter.load(model_id, device=device, options=options)
     model = adapter.fold_batchnorm(model.eval())
+    if float_passes is not None:
+        float_passes(model)
     fp_model = copy.deepcopy(model)
     prepare_model(model, adapter, recipe)
     for p in fp_model.parameters():
@@ -118,6 +127,8 @@ def resolve(session: Session, plugin: str, *, base: str | None, preset: str | No
         session.make(kind, ref)
     for ref in recipe.data_transforms:
         session.make("data_transform", ref)
+    for ref in recipe.passes:
+        session.make("model_pass", ref)
     return recipe
 
 
@@ -155,12 +166,14 @@ def apply(
     if data is None:
         raise ConfigError(f"model {model_id!r} has no default data: pass --data (e.g. a directory or a data spec)")
     source = session.data_source_for(data)
-    fp_model, q_model = build_quant_model(adapter, model_id, recipe, dev, model_options)
     calib_set = source.load(data, "train", num_samples=recipe.calib.num_samples, seed=recipe.calib.seed)
     _check_finite(calib_set, "calibration")
     calib = _batches(calib_set, recipe.calib.batch_size)
     calib_inputs = [b[0] for b in calib]
     calib_targets = [b[1] for b in calib]
+    passes = ModelPasses(session, recipe, adapter, calib_inputs, calib_targets, dev)
+    fp_model, q_model = build_quant_model(adapter, model_id, recipe, dev, model_options,
+                                          float_passes=lambda m: passes.run("float", m, fp_model=m))
     blocks = adapter.blocks(fp_model)
     scheduler = session.make("scheduler", recipe.scheduler)
     scheduler.bind(fp_model)
@@ -177,6 +190,7 @@ def apply(
     if dry_run:
         return result
 
+    passes.run("prepared", q_model, fp_model=fp_model)
     calibrate_weights(q_model, session, recipe)
     weights_first = recipe.recon.order == "weights_first"
     if recipe.activation is not None and not weights_first:
@@ -197,6 +211,7 @@ def apply(
     records = engine.reconstruct(resume=resume, on_pass_start=on_pass_start)
     if weights_first and recipe.activation is not None and not recipe.recon.learn_act_step:
         calibrate_activations(q_model, adapter, calib, session, recipe, dev, weights_quantized=True)
+    passes.run("quantized", q_model, fp_model=fp_model)
     q_model.eval()
     test_set = source.load(data, "test", num_samples=eval_samples, seed=0)
     test = _batches(test_set, max(recipe.calib.batch_size, 64))
@@ -205,6 +220,7 @@ def apply(
     result.fp_metrics, result.quant_metrics, result.records = fp_metrics, q_metrics, records
     result.seconds = time.perf_counter() - t0
     result.model = q_model
+    result.passes = passes.summaries
     if out_dir:
         names = adapter.quantizable_layers(fp_model)
         first, last = adapter.first_last_layers(fp_model)
@@ -245,6 +261,7 @@ def build_manifest(session: Session, result: ApplyResult, data: str, eval_sample
         "plan": result.plan,
         "bit_map": [asdict(b) for b in bit_map],
         "units": [asdict(r) for r in result.records],
+        "passes": result.passes,
         "metrics": {"fp": result.fp_metrics, "quant": result.quant_metrics,
                     "comparison": compare(result.fp_metrics, result.quant_metrics)},
         "wall_seconds": result.seconds,

@@ -173,6 +173,7 @@ class Recipe:
     scheduler: ComponentRef = field(default_factory=lambda: ComponentRef("block"))
     activation_policy: ComponentRef = field(default_factory=lambda: ComponentRef("quantized"))
     data_transforms: tuple[ComponentRef, ...] = ()
+    passes: tuple[ComponentRef, ...] = ()
     bits: BitPolicy = field(default_factory=BitPolicy)
     calib: CalibConfig = field(default_factory=CalibConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)

@@ -77,6 +77,11 @@ def register_exporters(register: Register) -> None:
 
 
 @hookspec
+def register_model_passes(register: Register) -> None:
+    """Register ``ModelPass`` subclasses (whole-model steps at a run stage: equalize, allocate bits, fine-tune)."""
+
+
+@hookspec
 def register_commands(subparsers: Any) -> None:
     """Add sub-commands to the ``quantplug`` CLI: ``subparsers`` is an ``argparse`` sub-parser action.
 

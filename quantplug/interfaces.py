@@ -233,6 +233,51 @@ class DataTransform(Component):
         raise NotImplementedError
 
 
+@dataclass
+class PassContext:
+    """What a ``ModelPass`` may use: the run's recipe, adapter, data and models.
+
+    ``fp_model`` is the full-precision reference (BN folded; at stage ``float`` it is the model being
+    changed itself). ``calib_inputs`` / ``calib_targets`` are the calibration batches.
+    """
+
+    session: Any
+    recipe: Any
+    adapter: Any
+    fp_model: nn.Module
+    calib_inputs: list[Any]
+    calib_targets: list[Any]
+    device: torch.device
+    seed: int
+    stage: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class ModelPass(Component):
+    """A whole-model step at a fixed stage of a run (equalization, bias correction, bit allocation, QAT).
+
+    Stages, in run order:
+
+    * ``float``: after BatchNorm folding, before quantizers are inserted. The pass changes the float
+      model in place; the full-precision reference is copied *after* it, so it must keep the
+      network's function (cross-layer equalization does).
+    * ``prepared``: quantizers are in place, nothing is calibrated (e.g. choose per-layer bit widths).
+    * ``quantized``: after calibration and reconstruction, before evaluation (e.g. bias correction,
+      quantization-aware fine-tuning).
+
+    ``run`` changes ``model`` in place and returns a JSON-able summary for the run manifest.
+    """
+
+    kind = "model_pass"
+    stage: ClassVar[str] = "quantized"
+
+    def run(self, model: nn.Module, ctx: PassContext) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+PASS_STAGES = ("float", "prepared", "quantized")
+
+
 class DataSource(Component):
     """Provides datasets for calibration and evaluation from a data spec string."""
 

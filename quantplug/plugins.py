@@ -33,6 +33,7 @@ from quantplug.interfaces import (
     Exporter,
     GranularityScheduler,
     ModelAdapter,
+    ModelPass,
     Observer,
     ReconstructionLoss,
     Rounding,
@@ -70,6 +71,7 @@ REGISTER_HOOKS: dict[str, tuple[str, type | None]] = {
     "register_model_adapters": ("model_adapters", ModelAdapter),
     "register_data_sources": ("data_sources", DataSource),
     "register_exporters": ("exporters", Exporter),
+    "register_model_passes": ("model_passes", ModelPass),
 }
 
 KIND_TO_ATTR: dict[str, str] = {
@@ -83,6 +85,7 @@ KIND_TO_ATTR: dict[str, str] = {
     "model_adapter": "model_adapters",
     "data_source": "data_sources",
     "exporter": "exporters",
+    "model_pass": "model_passes",
 }
 
 
@@ -119,6 +122,7 @@ class Session:
         self.model_adapters: Registry[type[ModelAdapter]] = Registry("model adapter")
         self.data_sources: Registry[type[DataSource]] = Registry("data source")
         self.exporters: Registry[type[Exporter]] = Registry("exporter")
+        self.model_passes: Registry[type[ModelPass]] = Registry("model pass")
         self.distributions: dict[str, dict[str, str]] = {}
         self.broken: dict[str, dict[str, str]] = {}
         if os.environ.get("QUANTPLUG_TRACE_PLUGINS"):

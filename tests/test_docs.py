@@ -160,6 +160,7 @@ def test_hooks_md_examples_work_together_in_a_run(examples: dict[str, types.Modu
         "weight_observer.name": "absmax", "rounding.name": "floor", "loss.name": "huber",
         "scheduler.name": "pairs", "activation_policy.name": "fp-inputs",
         "data_transforms": [{"name": "clip-outliers", "options": {"k": 4.0}}],
+        "passes": [{"name": "count-levels"}],
         "recon.learn_act_step": True, "recon.iters": 3, "calib.num_samples": 32, "calib.batch_size": 16,
         "bits.first_layer_bits": None,  # the hidden layer takes the recipe's 3 bits (the head stays at 8)
     }
@@ -170,6 +171,9 @@ def test_hooks_md_examples_work_together_in_a_run(examples: dict[str, types.Modu
         3, "absmax", "floor", "huber", "pairs")
     assert r.activation_policy.name == "fp-inputs" and r.data_transforms[0].name == "clip-outliers"
     assert result.plan == ["flatten+hidden", "head"]  # register_schedulers: the pairs example planned it
+    # register_model_passes: the count-levels pass ran after reconstruction; 3-bit weights use <= 8 levels
+    levels = result.passes["count-levels"]["levels"]
+    assert 1 < levels["1.0"] <= 8 and levels["2"] > 8  # the hidden layer at 3 bits, the head at 8
     assert all(rec.iters == 3 for rec in result.records)
     # the event hooks fired with the examples' implementations
     for event in ("on_run_start", "on_unit_end", "on_run_end"):
