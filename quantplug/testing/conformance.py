@@ -321,3 +321,71 @@ class RecipeSmoke:
         key = next(iter(result.fp_metrics))
         assert result.quant_metrics[key] >= result.fp_metrics[key] - self.max_drop
         assert (tmp_path / "run" / "quantplug.json").is_file()
+
+
+class ModelPassConformance:
+    """Checks for a ``ModelPass``: declared stage, JSON-able summary, a run through ``apply``, and (for
+    ``float`` passes, whose changes the full-precision reference inherits) an unchanged network function.
+
+    Set ``component`` and optionally ``options``, ``model_id``, ``overrides`` and ``base``.
+    """
+
+    component: ClassVar[type[Any]]
+    options: ClassVar[Mapping[str, Any]] = {}
+    model_id: ClassVar[str] = "testing:tiny-resnet"
+    base: ClassVar[str] = "nearest"
+    overrides: ClassVar[Mapping[str, Any]] = {"calib.num_samples": 64, "calib.batch_size": 32}
+    #: relative output change a ``float`` pass may cause (equalization is exact up to rounding)
+    float_tolerance: ClassVar[float] = 1e-4
+
+    def make(self) -> Any:
+        return self.component(self.component.make_config(self.options))
+
+    def test_has_name_stage_config_and_doc(self) -> None:
+        from quantplug.interfaces import PASS_STAGES
+
+        cls = self.component
+        assert cls.name and cls.name == cls.name.lower()
+        assert cls.stage in PASS_STAGES
+        assert (cls.__doc__ or "").strip()
+        self.make()
+
+    def test_runs_in_apply_and_summary_is_json(self, tmp_path: Any) -> None:
+        import json
+
+        from quantplug.api import apply
+        from quantplug.plugins import Session
+
+        session = Session(entry_points=True)
+        if self.component.name not in session.model_passes:
+            session.model_passes.register(self.component, "conformance")
+        overrides = {**self.overrides, "passes": [{"name": self.component.name, "options": dict(self.options)}]}
+        result = apply(self.base, self.model_id, overrides=overrides, eval_samples=64,
+                       out_dir=str(tmp_path / "run"), session=session)
+        assert self.component.name in result.passes
+        json.dumps(result.passes[self.component.name])
+        manifest = json.loads((tmp_path / "run" / "quantplug.json").read_text())
+        assert self.component.name in manifest["passes"]
+
+    @torch.no_grad()
+    def test_float_pass_keeps_the_function(self) -> None:
+        if self.component.stage != "float":
+            pytest.skip("only float-stage passes must keep the network's function")
+        import copy
+
+        from quantplug.interfaces import PassContext
+        from quantplug.plugins import Session
+
+        session = Session(entry_points=True)
+        adapter = session.adapter_for(self.model_id)
+        model = adapter.fold_batchnorm(adapter.load(self.model_id, device=torch.device("cpu")).eval())
+        spec = adapter.default_data(self.model_id)
+        assert spec is not None
+        ds = session.data_source_for(spec).load(spec, "train", num_samples=32, seed=0)
+        inputs, targets = next(iter(torch.utils.data.DataLoader(ds, batch_size=32)))
+        before = adapter.forward(model, inputs)
+        changed = copy.deepcopy(model)
+        ctx = PassContext(session, Recipe(), adapter, changed, [inputs], [targets], torch.device("cpu"), 0, "float")
+        self.make().run(changed, ctx)
+        after = adapter.forward(changed, inputs)
+        assert torch.allclose(after, before, atol=self.float_tolerance * before.abs().max().item(), rtol=0)
