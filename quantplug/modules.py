@@ -1,9 +1,11 @@
 """Quantized layers and module swapping.
 
 ``QuantConv2d`` / ``QuantLinear`` keep the full-precision weight, a weight quantizer (scale and zero
-point), an optional input-activation quantizer, and one of three weight paths:
+point), an optional input-activation quantizer, and one of four weight paths:
 
 * a ``WeightRounder`` attached by a rounding component (during reconstruction),
+* lookup-table weights, ``weight = codebook[indices]`` (k-means weight sharing, Han et al. 2016; TTQ's
+  ``{-W_n, 0, +W_p}``, Zhu et al. 2017): values that no affine grid holds, saved and reloaded like codes,
 * hard integer codes (after hardening: the deployable state, saved and reloaded),
 * plain nearest rounding (before reconstruction).
 
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantplug.config import QuantSpec
+from quantplug.errors import ConfigError, QuantplugError
 from quantplug.interfaces import WeightRounder
 from quantplug.quantizer import AffineQuantizer, dequantize, fake_quant_rows, from_rows, quantize, to_rows
 
@@ -37,6 +40,8 @@ class QuantLayer(nn.Module):
         self.input_quantizer = AffineQuantizer(input_spec) if input_spec is not None else None
         self.rounder: WeightRounder | None = None
         self.register_buffer("weight_codes", None)
+        self.register_buffer("weight_codebook", None)
+        self.register_buffer("weight_indices", None)
         self._dequant_cache: torch.Tensor | None = None
 
     # -------------------------------------------------------------- weight paths
@@ -49,6 +54,10 @@ class QuantLayer(nn.Module):
             return self.weight
         if self.rounder is not None:
             return self.rounder()
+        if self.weight_indices is not None:
+            if self._dequant_cache is None or self._dequant_cache.device != self.weight_indices.device:
+                self._dequant_cache = self.codebook_weight()
+            return self._dequant_cache
         if self.weight_codes is not None:
             if self._dequant_cache is None or self._dequant_cache.device != self.weight_codes.device:
                 self._dequant_cache = self.dequantize_codes(self.weight_codes)
@@ -57,7 +66,48 @@ class QuantLayer(nn.Module):
         assert q is not None and self.weight_spec is not None
         return fake_quant_rows(self.weight, q.scale, q.zero_point, self.weight_spec)
 
+    @property
+    def has_codebook(self) -> bool:
+        """True when the weights are lookup-table values (``set_codebook``), not affine codes."""
+        return self.weight_indices is not None
+
+    def codebook_weight(self) -> torch.Tensor:
+        """``codebook[indices]`` in the weight's dtype and shape."""
+        if self.weight_codebook is None or self.weight_indices is None:
+            raise QuantplugError("this layer has no codebook; call set_codebook first")
+        return self.weight_codebook[self.weight_indices.long()].to(self.weight.dtype)
+
+    def set_codebook(self, codebook: torch.Tensor, indices: torch.Tensor) -> None:
+        """Harden to lookup-table weights: ``weight = codebook[indices]``; the forward pass uses them from now on.
+
+        ``codebook`` holds at most 256 floats (one table per layer), ``indices`` has the weight's shape and
+        integer values in ``[0, len(codebook))``; they are stored as buffers ``weight_codebook`` (fp32) and
+        ``weight_indices`` (uint8), replacing any affine codes.
+        """
+        codebook = codebook.detach().reshape(-1)
+        if not codebook.is_floating_point() or not 1 <= codebook.numel() <= 256:
+            raise ConfigError(f"a codebook holds 1 to 256 floats, got {codebook.numel()} of {codebook.dtype}")
+        if not torch.isfinite(codebook).all():
+            raise ConfigError("the codebook has NaN or inf entries")
+        if tuple(indices.shape) != tuple(self.weight.shape):
+            raise ConfigError(f"codebook indices have shape {tuple(indices.shape)}, "
+                              f"the weight {tuple(self.weight.shape)}")
+        if indices.is_floating_point() or indices.dtype == torch.bool:
+            raise ConfigError(f"codebook indices must be integers, got {indices.dtype}")
+        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook.numel()):
+            raise ConfigError(f"codebook indices must lie in [0, {codebook.numel() - 1}]")
+        self.weight_codebook = codebook.float().clone().to(self.weight.device)
+        self.weight_indices = indices.detach().to(device=self.weight.device, dtype=torch.uint8)
+        self.weight_codes = None
+        self._dequant_cache = None
+        self.rounder = None
+
     def nearest_codes(self) -> torch.Tensor:
+        if self.has_codebook:
+            raise QuantplugError(
+                "this layer holds lookup-table (codebook) weights, which have no affine integer codes: "
+                "read weight_codebook / weight_indices instead (the `int` exporter packs them)"
+            )
         q = self.weight_quantizer
         assert q is not None and self.weight_spec is not None
         rows = to_rows(self.weight.detach(), self.weight_spec)
@@ -77,6 +127,8 @@ class QuantLayer(nn.Module):
         spec = self.weight_spec
         dtype = torch.int16 if (spec.bits == 8 and not spec.symmetric) else torch.int8
         self.weight_codes = codes.detach().round().to(dtype)
+        self.weight_codebook = None
+        self.weight_indices = None
         self._dequant_cache = None
         self.rounder = None
 
@@ -87,9 +139,11 @@ class QuantLayer(nn.Module):
         return self.input_quantizer(x) if self.input_quantizer is not None else x
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
-        key = prefix + "weight_codes"
-        if key in state_dict and self.weight_codes is None:
-            self.weight_codes = torch.empty_like(state_dict[key])
+        # hardened weights are None until set: give them the saved tensors' shape and dtype before copying
+        for name in ("weight_codes", "weight_codebook", "weight_indices"):
+            key = prefix + name
+            if key in state_dict and getattr(self, name) is None:
+                setattr(self, name, torch.empty_like(state_dict[key], device=self.weight.device))
         self._dequant_cache = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

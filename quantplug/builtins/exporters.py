@@ -17,6 +17,11 @@ bit first, and stream bit ``k`` is bit ``k % 8`` of byte ``k // 8``. So 2-bit co
 4-bit two to a byte (the first code in the low nibble), 8-bit one to a byte, and 3-bit codes densely,
 eight codes in three bytes. The last byte is zero-padded. Any width from 1 to 8 bits works the same way.
 
+Lookup-table layers (``QuantLayer.set_codebook``: k-means weight sharing, TTQ) are packed the same way: their
+indices (``0 .. K-1``, ``qmin`` 0) at ``ceil(log2 K)`` bits into ``<layer>.weight_packed``, their codebook kept as
+``<layer>.weight_codebook`` (fp32, K entries); the manifest entry says ``"kind": "codebook"``. An export with such
+layers has packing version 2 (older quantplug versions refuse it instead of misreading it); without, version 1.
+
 ``load_packed(dir)`` unpacks the codes, rebuilds the model through its adapter exactly as
 ``quantplug.export.load`` does, and loads the state: the forward pass uses the same integer codes, scales
 and zero points, so outputs are identical (``torch.equal``) to the fake-quant model of the run. Each packed
@@ -30,6 +35,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +56,7 @@ from quantplug.modules import QuantLayer, quant_layers
 logger = logging.getLogger(__name__)
 
 PACKED_WEIGHTS = "model.packed.safetensors"
-PACKING_VERSION = 1
+PACKING_VERSION = 2  # 2: lookup-table (codebook) layers; exports without them are still written as version 1
 PACKING_LAYOUT = "lsb-first-bitstream"
 _CHUNK = 1 << 20  # codes per packing step (a multiple of 8, so every chunk starts on a byte boundary)
 
@@ -143,6 +149,34 @@ def sha256_file(path: str) -> str:
 
 
 # --------------------------------------------------------------------------- the int exporter
+def codebook_index_bits(entries: int) -> int:
+    """Bits per index of a lookup table with ``entries`` values (at least 1)."""
+    return max(1, math.ceil(math.log2(max(entries, 1))))
+
+
+def _pack_codebook_layer(layer: QuantLayer, prefix: str, state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Replace a lookup-table layer's weight and indices in ``state`` by its packed indices; its manifest entry."""
+    assert layer.weight_codebook is not None and layer.weight_indices is not None
+    bits = codebook_index_bits(layer.weight_codebook.numel())
+    state.pop(prefix + "weight", None)
+    state.pop(prefix + "weight_indices", None)
+    packed = pack_codes(layer.weight_indices, bits, 0)
+    key = prefix + "weight_packed"
+    state[key] = packed
+    return {
+        "kind": "codebook",
+        "key": key,
+        "codebook_key": prefix + "weight_codebook",
+        "entries": layer.weight_codebook.numel(),
+        "bits": bits,
+        "qmin": 0,
+        "shape": list(layer.weight_indices.shape),
+        "numel": layer.weight_indices.numel(),
+        "codes_dtype": "uint8",
+        "nbytes": packed.numel(),
+    }
+
+
 def _layer_codes(layer: QuantLayer, name: str) -> torch.Tensor:
     if layer.weight_codes is not None:
         return layer.weight_codes
@@ -178,10 +212,15 @@ class IntExporter(Exporter):
         for name, layer in quant_layers(model):
             if not layer.quantizes_weight:
                 continue
+            prefix = f"{name}." if name else ""
+            if layer.has_codebook:
+                layers[name] = _pack_codebook_layer(layer, prefix, state)
+                float_weight_bytes += layer.weight.numel() * layer.weight.element_size()
+                packed_weight_bytes += layers[name]["nbytes"]
+                continue
             spec = layer.weight_spec
             assert spec is not None
             codes = _layer_codes(layer, name)
-            prefix = f"{name}." if name else ""
             state.pop(prefix + "weight", None)
             state.pop(prefix + "weight_codes", None)
             packed = pack_codes(codes, spec.bits, spec.qmin)
@@ -211,7 +250,7 @@ class IntExporter(Exporter):
                 "export": {"format": self.name, "source": os.path.abspath(run_dir),
                            "source_export": manifest.get("export")},
                 "packing": {
-                    "version": PACKING_VERSION,
+                    "version": PACKING_VERSION if any(v.get("kind") == "codebook" for v in layers.values()) else 1,
                     "layout": PACKING_LAYOUT,
                     "layout_doc": "code - qmin in `bits` bits, row-major over the weight; value i at stream bits "
                                   "[i*bits, (i+1)*bits); stream bit k = bit (k % 8) of byte k // 8",
@@ -273,7 +312,8 @@ def read_packed_state(export_dir: str, manifest: dict[str, Any]) -> dict[str, to
         except (ArtifactError, ConfigError) as exc:
             raise ArtifactError(f"{path}: packed codes of {name!r} are corrupt: {exc}") from exc
         prefix = f"{name}." if name else ""
-        state[prefix + "weight_codes"] = codes.reshape(shape)
+        target = "weight_indices" if info.get("kind") == "codebook" else "weight_codes"
+        state[prefix + target] = codes.reshape(shape)
     return state
 
 
@@ -311,13 +351,20 @@ def load_packed(export_dir: str | os.PathLike[str], *, device: str | torch.devic
     with torch.no_grad():
         for name in packed_layers:
             layer = modules[name]
-            assert isinstance(layer, QuantLayer) and layer.weight_codes is not None
-            spec = layer.weight_spec
-            assert spec is not None
-            if tuple(layer.weight_codes.shape) != tuple(layer.weight.shape):
-                raise ArtifactError(f"{export_dir}: codes of {name!r} have shape {tuple(layer.weight_codes.shape)}, "
+            assert isinstance(layer, QuantLayer)
+            codes = layer.weight_indices if layer.has_codebook else layer.weight_codes
+            assert codes is not None
+            if tuple(codes.shape) != tuple(layer.weight.shape):
+                raise ArtifactError(f"{export_dir}: codes of {name!r} have shape {tuple(codes.shape)}, "
                                     f"the layer's weight {tuple(layer.weight.shape)}")
-            layer.weight.copy_(layer.dequantize_codes(layer.weight_codes))
+            if layer.has_codebook:
+                assert layer.weight_codebook is not None
+                if int(codes.max()) >= layer.weight_codebook.numel():
+                    raise ArtifactError(f"{export_dir}: indices of {name!r} exceed its codebook of "
+                                        f"{layer.weight_codebook.numel()} entries; the export is corrupt")
+                layer.weight.copy_(layer.codebook_weight())
+            else:
+                layer.weight.copy_(layer.dequantize_codes(codes))
             layer.invalidate_cache()
     return model.to(device).eval()
 
