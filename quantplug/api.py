@@ -25,7 +25,7 @@ from quantplug.export import save_run
 from quantplug.interfaces import ModelAdapter
 from quantplug.passes import ModelPasses
 from quantplug.plugins import Session
-from quantplug.prepare import LayerBits, prepare_model, resolve_layer_bits
+from quantplug.prepare import LayerBits, layer_bits, prepare_model
 from quantplug.recipes import resolve_recipe
 
 logger = logging.getLogger(__name__)
@@ -53,18 +53,19 @@ def build_quant_model(
     device: torch.device,
     options: Mapping[str, Any] | None = None,
     float_passes: Callable[[nn.Module], None] | None = None,
+    bit_map: list[LayerBits] | None = None,
 ) -> tuple[nn.Module, nn.Module]:
     """Load, fold BN, and return (full-precision copy, model prepared for quantization).
 
     ``float_passes`` runs on the folded float model before the full-precision copy is taken (the
-    recipe's ``float``-stage model passes).
+    recipe's ``float``-stage model passes). ``bit_map`` (a saved run's) replaces the recipe's bit policy.
     """
     model = adapter.load(model_id, device=device, options=options)
     model = adapter.fold_batchnorm(model.eval())
     if float_passes is not None:
         float_passes(model)
     fp_model = copy.deepcopy(model)
-    prepare_model(model, adapter, recipe)
+    prepare_model(model, adapter, recipe, bit_map)
     for p in fp_model.parameters():
         p.requires_grad_(False)
     return fp_model, model
@@ -222,9 +223,7 @@ def apply(
     result.model = q_model
     result.passes = passes.summaries
     if out_dir:
-        names = adapter.quantizable_layers(fp_model)
-        first, last = adapter.first_last_layers(fp_model)
-        bit_map = resolve_layer_bits(names, first, last, recipe)
+        bit_map = layer_bits(q_model, adapter.quantizable_layers(fp_model))  # after any bit-allocation pass
         save_run(q_model, build_manifest(session, result, data, eval_samples, bit_map, dev, model_options), out_dir)
         if ckpt:
             shutil.rmtree(ckpt, ignore_errors=True)

@@ -3,7 +3,7 @@
 A run directory holds the quantized model's state (hardened integer codes, scales, zero points and
 the remaining float parameters) and a manifest with the resolved recipe, the component providers and
 their versions, the seed, the data, per-unit losses and metrics. ``load`` rebuilds the model through
-its adapter (from the recorded model id), prepares it with the recorded recipe and bit map, and
+its adapter (from the recorded model id), prepares it with the recorded recipe and per-layer bit map, and
 loads the state: outputs are identical to the model that was saved.
 """
 
@@ -99,6 +99,7 @@ def load(run_dir: str, *, device: str | torch.device = "cpu", session: Any = Non
     """Rebuild the quantized model saved in ``run_dir``."""
     from quantplug.api import build_quant_model
     from quantplug.plugins import Session
+    from quantplug.prepare import LayerBits
 
     manifest = read_manifest(run_dir)
     fmt = manifest.get("export", {}).get("format")
@@ -113,7 +114,9 @@ def load(run_dir: str, *, device: str | torch.device = "cpu", session: Any = Non
     recipe = Recipe.from_dict(manifest["recipe"])
     adapter = session.adapter_for(manifest["model_id"])
     device = torch.device(device)
-    _, model = build_quant_model(adapter, manifest["model_id"], recipe, device, manifest.get("model_options"))
+    bit_map = [LayerBits(**b) for b in manifest["bit_map"]] if manifest.get("bit_map") else None
+    _, model = build_quant_model(adapter, manifest["model_id"], recipe, device, manifest.get("model_options"),
+                                 bit_map=bit_map)
     state = read_state(run_dir)
     try:
         model.load_state_dict(state)
