@@ -206,6 +206,31 @@ def _slice_first(x: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- engine
+@dataclass
+class UnitWork:
+    """One unit being reconstructed: its caches, layers, rounders and the parameters being learned."""
+
+    unit: ReconUnit
+    names: list[str]
+    layers: list[QuantLayer]
+    module: nn.Module
+    inputs: TensorCache
+    targets: TensorCache
+    fp_inputs: TensorCache | None
+    extras: dict[str, torch.Tensor]
+    rounders: list[Any]
+    act_quantizers: list[Any]
+    round_params: list[torch.Tensor]
+    step_params: list[torch.Tensor]
+    generator: torch.Generator
+    loss_before: float
+
+    def close(self) -> None:
+        for c in (self.inputs, self.targets, self.fp_inputs):
+            if c is not None:
+                c.close()
+
+
 class ReconstructionEngine:
     """Reconstructs the units of ``run.plan`` in order; see the module docstring."""
 
@@ -302,8 +327,26 @@ class ReconstructionEngine:
                 layer.input_quantizer.enabled = pass_name != "weights"
 
     def reconstruct_unit(self, index: int, unit: ReconUnit, pass_name: str = "joint") -> UnitRecord:
-        run = self.run
         t0 = time.perf_counter()
+        work = self.setup_unit(index, unit, pass_name)  # calls self.loss.begin(run, unit)
+        loss_before = work.loss_before
+        budget = self.run.recipe.recon.act_iters if pass_name == "activations" else self.run.recipe.recon.iters
+        iters = budget if (work.round_params or work.step_params) else 0
+        if iters:
+            self.optimize(work, iters)
+        self.harden_unit(work)
+        loss_after = self.evaluate_loss(work.module, work.inputs, work.targets, work.extras)
+        self.loss.end(self.run, unit)
+        work.close()
+        record = UnitRecord(index, unit.name, work.names, loss_before, loss_after, iters, time.perf_counter() - t0,
+                            pass_name)
+        logger.info("unit %s (%s): loss %.4g -> %.4g (%d iters, %.1fs)", unit.name, pass_name, loss_before,
+                    loss_after, iters, record.seconds)
+        return record
+
+    def setup_unit(self, index: int, unit: ReconUnit, pass_name: str = "joint") -> UnitWork:
+        """Cache the unit's inputs and targets, measure the loss before, attach roundings, make steps learnable."""
+        run = self.run
         recon = run.recipe.recon
         names = unit_layers(run, unit)
         layers: list[QuantLayer] = [
@@ -323,8 +366,8 @@ class ReconstructionEngine:
             raise IncompatibleComponentsError(f"loss {self.loss.name!r} did not capture its extras {sorted(missing)}")
         module = unit_module(run, run.q_model, unit)
         generator = torch.Generator().manual_seed(run.seed * 1_000_003 + index)
+        self.loss.begin(run, unit)
         loss_before = self.evaluate_loss(module, inputs, targets, extras)
-
         rounders = []
         if pass_name != "activations":
             for layer in layers:
@@ -335,12 +378,12 @@ class ReconstructionEngine:
         round_params = [p for r in rounders for p in r.parameters() if p.requires_grad]
         learn_steps = recon.learn_act_step and pass_name != "weights"
         step_params = [q.make_step_learnable() for q in act_quantizers] if learn_steps else []
-        budget = recon.act_iters if pass_name == "activations" else recon.iters
-        iters = budget if (round_params or step_params) else 0
-        if iters:
-            self._optimize(unit, module, inputs, targets, fp_inputs, extras, rounders, act_quantizers,
-                           round_params, step_params, iters, generator)
-        for layer in layers:
+        return UnitWork(unit, names, layers, module, inputs, targets, fp_inputs, extras, rounders, act_quantizers,
+                        round_params, step_params, generator, loss_before)
+
+    def harden_unit(self, work: UnitWork) -> None:
+        """Store integer codes (and final quantization parameters) and freeze the activation steps."""
+        for layer in work.layers:
             if layer.rounder is not None:
                 qparams = layer.rounder.final_qparams()
                 codes = layer.rounder.hard_codes()
@@ -349,17 +392,8 @@ class ReconstructionEngine:
                 layer.set_codes(codes)
             elif layer.quantizes_weight and layer.weight_codes is None:
                 layer.set_codes(layer.nearest_codes())
-        for q in act_quantizers:
+        for q in work.act_quantizers:
             q.freeze_step()
-        loss_after = self.evaluate_loss(module, inputs, targets, extras)
-        for c in (inputs, targets, fp_inputs):
-            if c is not None:
-                c.close()
-        record = UnitRecord(index, unit.name, names, loss_before, loss_after, iters, time.perf_counter() - t0,
-                            pass_name)
-        logger.info("unit %s (%s): loss %.4g -> %.4g (%d iters, %.1fs)", unit.name, pass_name, loss_before,
-                    loss_after, iters, record.seconds)
-        return record
 
     def _apply_transforms(self, unit: ReconUnit, inputs: TensorCache, fp_inputs: TensorCache | None,
                           targets: TensorCache) -> None:
@@ -378,11 +412,11 @@ class ReconstructionEngine:
                         sl = slice(start, min(start + step, cache.num))
                         targets.write(start, fp_module(cache.read(sl, run.device)))
 
-    def _optimize(self, unit: ReconUnit, module: nn.Module, inputs: TensorCache, targets: TensorCache,
-                  fp_inputs: TensorCache | None, extras: dict[str, torch.Tensor], rounders: list[Any],
-                  act_quantizers: list[Any],
-                  round_params: list[torch.Tensor], step_params: list[torch.Tensor], iters: int,
-                  generator: torch.Generator) -> None:
+    def optimize(self, work: UnitWork, iters: int) -> None:
+        """``iters`` optimizer steps on the unit's rounding and step-size parameters."""
+        unit, module, inputs, targets, fp_inputs = work.unit, work.module, work.inputs, work.targets, work.fp_inputs
+        extras, rounders, act_quantizers = work.extras, work.rounders, work.act_quantizers
+        round_params, step_params, generator = work.round_params, work.step_params, work.generator
         recon = self.run.recipe.recon
         device = self.run.device
         optimizers: list[torch.optim.Optimizer] = []
@@ -409,6 +443,8 @@ class ReconstructionEngine:
                     x = self.policy.mix_unit_input(x, fp_inputs.read(idx, device))
                 y = targets.read(idx, device)
                 self.policy.step(progress)
+                for r in rounders:
+                    r.step(progress)
                 out = module(x)
                 ctx = LossContext({k: v[idx].to(device) for k, v in extras.items()}, progress)
                 loss = self.loss(out, y, ctx)

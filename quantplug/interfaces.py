@@ -99,6 +99,9 @@ class WeightRounder(nn.Module):
     def forward(self) -> torch.Tensor:  # fake-quantized weight, same shape as the layer's weight
         raise NotImplementedError
 
+    def step(self, progress: float) -> None:
+        """Called before each iteration with ``progress`` in [0, 1] (e.g. NWQ's annealed softmax temperature)."""
+
     def regularization(self, progress: float) -> torch.Tensor | None:
         """Extra loss term at ``progress`` in [0, 1] of the unit's iterations (None: no term)."""
         return None
@@ -148,6 +151,13 @@ class ReconstructionLoss(Component):
         gradients w.r.t. the unit output for the Fisher loss), in calibration order. The engine slices
         them with each iteration's sample indices into ``LossContext.extras``."""
         return {}
+
+    def begin(self, run: Any, unit: Any) -> None:
+        """Called once ``unit``'s extras are captured, before its first loss evaluation (e.g. to hook the
+        quantized unit's intermediate outputs, as NWQ's activation regularization does)."""
+
+    def end(self, run: Any, unit: Any) -> None:
+        """Called after the unit's last loss evaluation: undo whatever ``begin`` set up."""
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor, context: LossContext) -> torch.Tensor:
         raise NotImplementedError
