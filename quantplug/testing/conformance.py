@@ -105,6 +105,7 @@ class RoundingConformance:
         assert params, "a learnable rounding must expose parameters"
         opt = torch.optim.Adam(params, lr=self.floor_lr)
         for it in range(self.floor_iters):
+            rounder.step(it / self.floor_iters)
             out = nn.functional.linear(x, rounder(), layer.bias)
             loss = (out - target).square().mean()
             reg = rounder.regularization(it / self.floor_iters)
