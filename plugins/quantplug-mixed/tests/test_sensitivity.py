@@ -1,0 +1,126 @@
+"""Sensitivity maths: Hutchinson against the exact Hessian trace, the Fisher diagonal, output errors, ordering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from mixed_toys import SmallMLP, ToyAdapter, TwoBranch, labelled_batches, run_pass, toy_recipe
+from quantplug_mixed.sensitivity import fisher_diagonals, hutchinson_traces, output_errors, take_samples
+from torch.func import functional_call
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+def _exact_hessian_blocks(model: SmallMLP, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    total = sum(x.shape[0] for x in xs)
+    out = {}
+    for name in ("fc1", "fc2", "fc3"):
+        key = f"{name}.weight"
+        weight = model.get_submodule(name).weight.detach().clone()
+
+        def loss_of(w: torch.Tensor, key: str = key) -> torch.Tensor:
+            return sum(torch.nn.functional.cross_entropy(functional_call(model, {key: w}, (x,)), y) * x.shape[0] / total
+                       for x, y in zip(xs, ys))  # type: ignore[return-value]
+
+        n = weight.numel()
+        out[name] = torch.autograd.functional.hessian(loss_of, weight).reshape(n, n)
+    return out
+
+
+def test_hutchinson_matches_the_exact_hessian_trace_of_each_layer() -> None:
+    torch.manual_seed(0)
+    model = SmallMLP().double()
+    inputs = torch.randn(48, 6, dtype=torch.float64)
+    xs, ys = labelled_batches(model, inputs, 24)
+    ys = [torch.randint(0, 3, y.shape, generator=torch.Generator().manual_seed(i)) for i, y in enumerate(ys)]
+    exact = _exact_hessian_blocks(model, xs, ys)
+    iters = 600
+    estimate = hutchinson_traces(model, ToyAdapter(), ["fc1", "fc2", "fc3"], list(zip(xs, ys)), CPU,
+                                 iters=iters, tol=0.0, seed=1)
+    for name, hessian in exact.items():
+        trace = float(hessian.diagonal().sum())
+        # Var(z^T H z) = 2 * sum_{i != j} H_ij^2 for Rademacher z: allow four standard errors of the mean
+        off_diagonal = float((hessian ** 2).sum() - (hessian.diagonal() ** 2).sum())
+        tolerance = 4 * (2 * off_diagonal / iters) ** 0.5
+        assert trace > 0
+        assert abs(estimate[name] - trace) < tolerance, (name, estimate[name], trace, tolerance)
+        assert tolerance < 0.25 * trace  # the check is tight enough to mean something
+
+
+def test_hutchinson_stops_when_the_running_mean_settles() -> None:
+    torch.manual_seed(0)
+    model = SmallMLP()
+    xs, ys = labelled_batches(model, torch.randn(32, 6), 16)
+    batches = list(zip(xs, ys))
+    import logging
+
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("quantplug_mixed.sensitivity").addHandler(handler)
+    logging.getLogger("quantplug_mixed.sensitivity").setLevel(logging.INFO)
+    try:
+        hutchinson_traces(model, ToyAdapter(), ["fc1"], batches, CPU, iters=500, tol=0.05, seed=0)
+    finally:
+        logging.getLogger("quantplug_mixed.sensitivity").removeHandler(handler)
+    iterations = int(records[-1].split()[1])
+    assert 2 <= iterations < 500
+
+
+def test_fisher_diagonal_is_the_mean_squared_per_sample_gradient() -> None:
+    torch.manual_seed(0)
+    model = SmallMLP()
+    xs, ys = labelled_batches(model, torch.randn(12, 6), 5)
+    fisher = fisher_diagonals(model, ToyAdapter(), ["fc2"], list(zip(xs, ys)), CPU)
+    expected = torch.zeros_like(model.fc2.weight)
+    for x, y in zip(torch.cat(xs), torch.cat(ys)):
+        model.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[None]), y[None]).backward()
+        expected += model.fc2.weight.grad ** 2
+    assert torch.allclose(fisher["fc2"], expected / 12, rtol=1e-5, atol=1e-9)
+
+
+def test_output_errors_vanish_without_perturbation_and_grow_with_it() -> None:
+    torch.manual_seed(0)
+    model = SmallMLP()
+    xs, ys = labelled_batches(model, torch.randn(20, 6), 8)
+    batches = list(zip(xs, ys))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def perturbed(name: str, bits: int) -> torch.Tensor:
+        w = model.get_submodule(name).weight.detach()
+        return w + (0.0 if bits == 8 else 2.0 ** -bits) * torch.ones_like(w)
+
+    errors = output_errors(model, ToyAdapter(), ["fc1", "fc3"], {"fc1": (2, 4, 8), "fc3": (2, 8)}, perturbed,
+                           batches, CPU)
+    assert errors["fc1"][8] == 0.0 and errors["fc3"][8] == 0.0
+    assert errors["fc1"][2] > errors["fc1"][4] > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the reference is untouched
+
+
+def test_take_samples_covers_the_requested_count_in_whole_batches() -> None:
+    xs = [torch.zeros(4, 2)] * 5
+    ys = [torch.zeros(4)] * 5
+    assert len(take_samples(xs, ys, 9)) == 3
+    assert len(take_samples(xs, ys, 100)) == 5
+
+
+@pytest.mark.parametrize("method", ["hessian", "fisher", "output_mse"])
+def test_the_layer_with_larger_curvature_gets_more_bits(method: str) -> None:
+    # A and B hold identical weights (identical quantization error); B's output is scaled by 4, so its Hessian
+    # trace is 16x A's. With room for one upgrade, B gets it, whatever the gain's sign of the measurement
+    torch.manual_seed(0)
+    model = TwoBranch(gain=4.0)
+    inputs = torch.randn(64, 32)
+    q_model, summary = run_pass(model, inputs, toy_recipe(3), sensitivity=method, candidates=[2, 4], budget=3.0,
+                                hutchinson_iters=200, hutchinson_tol=0.0)
+    assert summary["bits"] == {"a": 2, "b": 4}
+    assert q_model.b.weight_spec.bits == 4 and q_model.a.weight_spec.bits == 2
+    if method == "hessian":
+        ratio = summary["mean_trace"]["b"] / summary["mean_trace"]["a"]
+        assert ratio == pytest.approx(16.0, rel=0.25)
+    # swap the roles: the branch scaled up now is A
+    q_model, summary = run_pass(TwoBranch(gain=0.25), inputs, toy_recipe(3), sensitivity=method, candidates=[2, 4],
+                                budget=3.0)
+    assert summary["bits"] == {"a": 4, "b": 2}
