@@ -227,6 +227,7 @@ class ActivationPolicy(Component):
         """Restore plain quantization after the unit is done."""
         for q in quantizers:
             q.mixer = None
+            q.selector = None
 
 
 # --------------------------------------------------------------------------- data

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -122,6 +123,62 @@ def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, q
     return (codes - zero_point) * scale
 
 
+class _FakeQuantSelect(torch.autograd.Function):
+    """Fake quantization with a straight-through round and LSQ step gradient, optionally choosing per element
+    between the quantized value and ``keep`` (QDrop), in one autograd node.
+
+    Equivalent to ``where(select, fake_quant(x, s, z), keep)`` with ``fake_quant``'s gradients, but it saves
+    three tensors and computes both gradients from them in a few fused passes instead of the dozen
+    elementwise nodes autograd records for the composed expression.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                select: torch.Tensor | None, keep: torch.Tensor | None, grad_factor: float) -> torch.Tensor:
+        v = x / scale
+        codes = torch.round(v).add_(zero_point)
+        # strictly inside, like torch.clamp's gradient: a code on the grid's edge counts as clamped
+        inside = (codes > qmin) & (codes < qmax)
+        centered = codes.clamp_(qmin, qmax).sub_(zero_point)  # clamp(round(v) + z) - z
+        out = centered * scale
+        if select is not None:
+            out = torch.where(select, out, x if keep is None else keep)
+        ctx.save_for_backward(v, centered, inside, select, scale)
+        ctx.keep_is_x = keep is None
+        ctx.grad_factor = grad_factor
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        v, centered, inside, select, scale = ctx.saved_tensors
+        quantized = inside if select is None else inside & select
+        grad_x = grad_scale_t = grad_keep = None
+        if ctx.needs_input_grad[0]:
+            if select is None or not ctx.keep_is_x:
+                grad_x = grad * quantized
+            else:  # dropped elements pass x through unchanged
+                grad_x = grad * (quantized | ~select)
+        if ctx.needs_input_grad[1]:
+            # d(out)/ds = (clamp(round(v) + z) - z) - v inside the grid, the clamped level outside (LSQ)
+            d = torch.where(inside, centered - v, centered)
+            if select is not None:
+                d = d * select
+            grad_scale_t = (grad * d).sum_to_size(scale.shape) * ctx.grad_factor
+        if select is not None and not ctx.keep_is_x and ctx.needs_input_grad[6]:
+            grad_keep = grad * ~select
+        return grad_x, grad_scale_t, None, None, None, None, grad_keep, None
+
+
+def fake_quant_select(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int,
+                      select: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+                      grad_factor: float = 1.0) -> torch.Tensor:
+    """``where(select, fake_quant(x), keep if given else x)`` as one autograd node (see ``_FakeQuantSelect``).
+
+    ``scale`` / ``zero_point`` broadcast against ``x``; ``grad_factor`` multiplies the step gradient (LSQ).
+    """
+    return _FakeQuantSelect.apply(x, scale, zero_point, qmin, qmax, select, keep, grad_factor)
+
+
 def fake_quant_rows(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Fake-quantize ``x`` with row parameters ``scale`` / ``zero_point`` of shape ``[rows]``."""
     if isinstance(spec.granularity, PerTensor):
@@ -142,6 +199,8 @@ def broadcast_rows(values: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> to
 
 # --------------------------------------------------------------------------- module
 Mixer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``selector(x) -> (select, keep)``: quantize where ``select`` is True, else take ``keep`` (None: ``x``)
+Selector = Callable[[torch.Tensor], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
 class AffineQuantizer(nn.Module):
@@ -150,7 +209,9 @@ class AffineQuantizer(nn.Module):
     Until ``set_qparams`` is called, or while ``enabled`` is False, it passes its input through.
     ``make_step_learnable`` turns the scale into a parameter learned with the straight-through
     estimator (LSQ, Esser et al. 2020); ``lsq_grad_scale`` applies LSQ's ``1/sqrt(N * qmax)`` factor.
-    An activation policy may set ``mixer(x, x_q)`` to choose per element between the two.
+    An activation policy may set ``mixer(x, x_q)`` to choose per element between the two, or (faster: one
+    fused autograd node) ``selector(x) -> (select, keep)`` for an element-wise choice between ``x_q`` and
+    ``keep``.
     """
 
     def __init__(self, spec: QuantSpec) -> None:
@@ -162,6 +223,7 @@ class AffineQuantizer(nn.Module):
         self.enabled = True
         self.lsq_grad_scale = False
         self.mixer: Mixer | None = None
+        self.selector: Selector | None = None
 
     def extra_repr(self) -> str:
         g = self.spec.granularity.kind
@@ -202,9 +264,17 @@ class AffineQuantizer(nn.Module):
         if not self.active:
             return x
         scale = self.scale
+        factor = 1.0
         if self.lsq_grad_scale and isinstance(scale, nn.Parameter):
             n = x.numel() / max(scale.numel(), 1)
-            scale = grad_scale(scale, 1.0 / math.sqrt(n * self.spec.qmax))
+            factor = 1.0 / math.sqrt(n * self.spec.qmax)
+        if self.mixer is None and not isinstance(self.spec.granularity, PerGroup):
+            shape = param_shape(x.shape, self.spec) if isinstance(self.spec.granularity, PerChannel) else ()
+            select, keep = self.selector(x) if self.selector is not None else (None, None)
+            return fake_quant_select(x, scale.reshape(shape), self.zero_point.reshape(shape), self.spec.qmin,
+                                     self.spec.qmax, select, keep, factor)
+        if factor != 1.0:
+            scale = grad_scale(scale, factor)
         xq = fake_quant_rows(x, scale, self.zero_point, self.spec)
         if self.mixer is not None:
             return self.mixer(x, xq)

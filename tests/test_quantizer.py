@@ -11,7 +11,9 @@ from quantplug.quantizer import (
     AffineQuantizer,
     fake_quant,
     fake_quant_rows,
+    fake_quant_select,
     from_rows,
+    grad_scale,
     qparams_from_range,
     round_ste,
     to_rows,
@@ -131,3 +133,58 @@ def test_quantizer_rejects_bad_scale() -> None:
     q = AffineQuantizer(QuantSpec(4, False))
     with pytest.raises(ValueError):
         q.set_qparams(torch.tensor([float("nan")]), torch.tensor([0.0]))
+
+
+def _composed(x: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, select: torch.Tensor | None,
+              keep: torch.Tensor | None, factor: float) -> torch.Tensor:
+    s = grad_scale(scale, factor)
+    xq = fake_quant(x, s, zp, 0, 15)
+    if select is None:
+        return xq
+    return torch.where(select, xq, x if keep is None else keep)
+
+
+@pytest.mark.parametrize("mode", ["all", "drop-to-x", "drop-to-keep"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_fake_quant_select_matches_the_composed_expression(mode: str, per_channel: bool) -> None:
+    """The fused node gives the values and the gradients (x, step, keep) of where(select, fake_quant(x), keep)."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(4, 3, 5, 5, generator=gen) * 2
+    keep0 = torch.randn(4, 3, 5, 5, generator=gen)
+    shape = (1, 3, 1, 1) if per_channel else ()
+    scale0 = torch.full(shape, 0.3) if per_channel else torch.tensor(0.3)
+    if per_channel:
+        scale0 = scale0 * torch.tensor([1.0, 0.5, 2.0]).reshape(shape)
+    zp = torch.full(shape, 7.0)
+    select = None if mode == "all" else torch.rand(x0.shape, generator=gen) < 0.5
+    results = []
+    for fn in ("fused", "composed"):
+        x = x0.clone().requires_grad_(True)
+        scale = scale0.clone().requires_grad_(True)
+        keep = keep0.clone().requires_grad_(True) if mode == "drop-to-keep" else None
+        if fn == "fused":
+            out = fake_quant_select(x, scale, zp, 0, 15, select, keep, 0.25)
+        else:
+            out = _composed(x, scale, zp, select, keep, 0.25)
+        weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        (out * weights).sum().backward()
+        results.append((out.detach(), x.grad, scale.grad, None if keep is None else keep.grad))
+    (o1, gx1, gs1, gk1), (o2, gx2, gs2, gk2) = results
+    assert torch.equal(o1, o2)
+    assert torch.allclose(gx1, gx2) and torch.allclose(gs1, gs2, atol=1e-5)
+    assert gs1.shape == scale0.shape and float(gs1.abs().sum()) > 0
+    if mode == "drop-to-keep":
+        assert torch.allclose(gk1, gk2) and torch.equal(gk1 == 0, select)
+
+
+def test_affine_quantizer_selector_quantizes_only_selected_elements() -> None:
+    q = AffineQuantizer(QuantSpec(4, False, PerTensor()))
+    q.set_qparams(torch.tensor([0.1]), torch.tensor([3.0]))
+    x = torch.linspace(-1, 1, 100)
+    select = torch.arange(100) % 2 == 0
+    q.selector = lambda t: (select, None)
+    out = q(x)
+    q.selector = None
+    full = q(x)
+    assert torch.equal(out[select], full[select]) and torch.equal(out[~select], x[~select])
+    assert not torch.equal(full, x)

@@ -30,7 +30,7 @@ def test_drop_quantizes_about_prob_of_elements_and_keeps_the_rest() -> None:
     assert abs(quantized.float().mean().item() - 0.3) < 0.01
     assert torch.equal(out[~quantized], x[~quantized])
     policy.end([q])
-    assert q.mixer is None and torch.equal(q(x), torch.round(x).clamp(0, 3))
+    assert q.mixer is None and q.selector is None and torch.equal(q(x), torch.round(x).clamp(0, 3))
 
 
 def test_unit_input_mixes_quantized_with_full_precision_input() -> None:

@@ -15,6 +15,7 @@ input. The expected fraction of quantized elements is the same.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -49,23 +50,49 @@ class DropPolicy(ActivationPolicy):
         self._unit_input: torch.Tensor | None = None
         self._fp_input: torch.Tensor | None = None
 
-    def _rand(self, like: torch.Tensor) -> torch.Tensor:
+    def _generator_for(self, device: torch.device) -> torch.Generator | None:
         gen = self._generator
-        if gen is not None and gen.device != like.device:
+        if gen is not None and gen.device != device:
             seed = int(torch.randint(2**62, (1,), generator=gen))
-            gen = self._generator = torch.Generator(device=like.device).manual_seed(seed)
-        return torch.rand(like.shape, generator=gen, device=like.device, dtype=like.dtype)
+            gen = self._generator = torch.Generator(device=device).manual_seed(seed)
+        return gen
+
+    def _rand(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.rand(like.shape, generator=self._generator_for(like.device), device=like.device,
+                          dtype=like.dtype)
+
+    def _quantize_mask(self, like: torch.Tensor) -> torch.Tensor:
+        """Bernoulli(prob) per element, True = quantize. Drawn as random bytes compared with
+        ``round(prob * 256)``: seven bytes per 64-bit draw, a seventh of the generator calls of one float
+        per element (the mask is the largest elementwise cost of a QDrop step). ``prob`` is therefore used
+        in steps of 1/256 (0.5 exactly)."""
+        threshold = round(self.config.prob * 256)
+        if threshold >= 256:
+            return torch.ones(like.shape, dtype=torch.bool, device=like.device)
+        n = like.numel()
+        words = torch.empty((n + 6) // 7, dtype=torch.int64, device=like.device)
+        words.random_(generator=self._generator_for(like.device))  # uniform in [0, 2**63): the top bit is 0
+        octets = words.view(torch.uint8).view(-1, 8)
+        octets = octets[:, :7] if sys.byteorder == "little" else octets[:, 1:]
+        return (octets.reshape(-1)[:n] < threshold).view(like.shape)
 
     def begin(self, quantizers: Sequence[nn.Module], generator: torch.Generator | None = None) -> None:
         self._generator = generator
         for q in quantizers:
-            q.mixer = self.mix
+            q.selector = self.select
 
     def mix(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
         keep = x
         if self.config.input_mixing and x is self._unit_input and self._fp_input is not None:
             keep = self._fp_input
         return torch.where(self._rand(x) < self.config.prob, xq, keep)
+
+    def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused path of ``mix``: which elements are quantized, and what the others take."""
+        keep = None
+        if self.config.input_mixing and x is self._unit_input and self._fp_input is not None:
+            keep = self._fp_input
+        return self._quantize_mask(x), keep
 
     def mix_unit_input(self, quant_input: torch.Tensor, fp_input: torch.Tensor | None) -> torch.Tensor:
         self._unit_input, self._fp_input = quant_input, fp_input
