@@ -135,7 +135,7 @@ def capture(
         raise _StopForward
 
     if output:
-        handle = module.register_forward_hook(lambda m, a, out: store(out))
+        handle = module.register_forward_hook(lambda m, a, out: store(_primary(out)))
     else:
         handle = module.register_forward_pre_hook(lambda m, a: store(a[0]))
     try:
@@ -149,6 +149,14 @@ def capture(
         handle.remove()
     assert cache is not None
     return cache
+
+
+def _primary(out: Any) -> torch.Tensor:
+    """A module's main output: the tensor itself, or the first element of a tuple (Hugging Face layers
+    return ``(hidden_states, ...)``)."""
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
 
 
 def _batch_len(x: Any) -> int:
@@ -177,7 +185,7 @@ def estimate_cache_bytes(run: RunContext, plan: Sequence[ReconUnit], cache_mode:
         key = id(module) * 2 + int(is_out)
         if is_out:
             handles.append(module.register_forward_hook(
-                lambda m, a, o, k=key: sizes.__setitem__(k, o[0].numel())))
+                lambda m, a, o, k=key: sizes.__setitem__(k, _primary(o)[0].numel())))
         else:
             handles.append(module.register_forward_pre_hook(
                 lambda m, a, k=key: sizes.__setitem__(k, a[0][0].numel())))

@@ -136,6 +136,18 @@ class TorchvisionAdapter(ModelAdapter):
     prefixes = ("zoo", "torchvision", "local")
     default_model = "zoo:resnet18-fmnist"
 
+    def can_load(self, model_id: str) -> bool:
+        """``torchvision:`` ids, this zoo's names and ``local:`` files; other adapters share ``zoo:`` and
+        ``local:`` (a Hugging Face directory is not a torchvision model)."""
+        source, sep, rest = model_id.partition(":")
+        if not sep:
+            return False
+        if source == "zoo":
+            return rest in ZOO_ALIASES
+        if source == "local":
+            return not os.path.isdir(rest)
+        return source == "torchvision"
+
     def default_available(self) -> bool:
         return "resnet18-fmnist" in available_zoo_models()
 

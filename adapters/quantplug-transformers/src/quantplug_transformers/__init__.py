@@ -1,0 +1,1 @@
+"""quantplug adapters for Hugging Face transformers (BERT, OPT, GPT-Neo, LLaMA-style) and text data."""
