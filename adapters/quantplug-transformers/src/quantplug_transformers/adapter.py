@@ -151,12 +151,8 @@ class TransformersAdapter(ModelAdapter):
         return model  # transformers have LayerNorm / RMSNorm, nothing to fold
 
     # ------------------------------------------------------------------ forward
-    @staticmethod
-    def _run_prefix(model: nn.Module, ids: torch.Tensor) -> Any:
-        kwargs: dict[str, Any] = {"input_ids": ids}
-        if getattr(model.config, "is_encoder_decoder", False) is False and hasattr(model.config, "use_cache"):
-            kwargs["use_cache"] = False
-        return model(**kwargs)
+    def _run_prefix(self, model: nn.Module, ids: torch.Tensor) -> Any:
+        return self.forward(model, ids)
 
     def prepare_batch(self, batch: Any, device: torch.device) -> tuple[Any, Any]:
         inputs, targets = batch
@@ -204,7 +200,7 @@ class TransformersAdapter(ModelAdapter):
         cos = nn.functional.cosine_similarity(pred.flatten(1).float(), targets.flatten(1).float(), dim=1)
         if outputs.dim() == 3 and targets.dim() == 2 and targets.shape[-1] == outputs.shape[-1]:
             return {"embedding_cosine": float(cos.sum()), "count": n}
-        agree = (pred.argmax(-1) == targets.argmax(-1)).float().flatten(1).mean(1)
+        agree = (pred.argmax(-1) == targets.argmax(-1)).float().reshape(pred.shape[0], -1).mean(1)
         return {"agreement": 100.0 * float(agree.sum()), "logit_cosine": float(cos.sum()), "count": n}
 
     def finalize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:

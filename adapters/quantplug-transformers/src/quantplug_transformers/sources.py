@@ -104,13 +104,24 @@ def _tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (BERT: [CLS] / [SEP]; OPT, LLaMA: BOS)."""
+    probe = "the house"
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    full = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    for i in range(len(full) - len(plain) + 1):
+        if full[i:i + len(plain)] == plain:
+            return full[:i], full[i + len(plain):]
+    raise DataError("cannot tell the tokenizer's special tokens apart from the text it encodes")
+
+
 def make_windows(stream: torch.Tensor, tokenizer: Any, length: int, split: str, num_samples: int | None,
                  seed: int) -> torch.Tensor:
     """``[N, length]`` windows: random offsets (train) or consecutive ones (test); specials added."""
-    n_special = int(tokenizer.num_special_tokens_to_add(pair=False))
-    content = length - n_special
+    prefix, suffix = special_tokens(tokenizer)
+    content = length - len(prefix) - len(suffix)
     if content < 2:
-        raise DataError(f"length {length} leaves no room for text after {n_special} special tokens")
+        raise DataError(f"length {length} leaves no room for text after {len(prefix) + len(suffix)} special tokens")
     if stream.numel() < content + 1:
         raise DataError(f"the text has {stream.numel()} tokens, fewer than one window of {content}")
     if split == "train" and num_samples is not None:
@@ -120,7 +131,7 @@ def make_windows(stream: torch.Tensor, tokenizer: Any, length: int, split: str, 
         starts = list(range(0, stream.numel() - content + 1, content))
         if num_samples is not None:
             starts = starts[:num_samples]
-    rows = [tokenizer.build_inputs_with_special_tokens(stream[s:s + content].tolist()) for s in starts]
+    rows = [prefix + stream[s:s + content].tolist() + suffix for s in starts]
     windows = torch.tensor(rows, dtype=torch.long)
     assert windows.shape[1] == length, windows.shape
     return windows
