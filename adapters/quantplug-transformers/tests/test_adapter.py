@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from quantplug_transformers.adapter import TransformersAdapter
+from quantplug_transformers.units import LayerUnit
 
 from quantplug.errors import ModelLoadError
 from quantplug.testing.conformance import AdapterConformance
-from quantplug_transformers.adapter import TransformersAdapter
-from quantplug_transformers.units import LayerUnit
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402

@@ -7,11 +7,10 @@ a few paragraphs of Austen, so ``austen?tokenizer=local:DIR`` and ``text:`` spec
 from __future__ import annotations
 
 import tempfile
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import torch
-
 from quantplug_transformers import corpus
 
 VOCAB = 320
@@ -72,7 +71,7 @@ def build(family: str) -> torch.nn.Module:
     return tf.BertModel(config)
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_dir(family: str) -> Path:
     """A save_pretrained directory of a tiny ``family`` model with its tokenizer."""
     directory = root() / family

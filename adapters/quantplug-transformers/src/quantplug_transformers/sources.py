@@ -21,6 +21,7 @@ last hidden state of an encoder (embedding fidelity) or the logits of a task hea
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -75,7 +76,10 @@ def load_tokenizer(model_id: str) -> Any:
 
 
 def token_stream(tokenizer: Any, text: str) -> torch.Tensor:
-    """All token ids of ``text`` (no special tokens), tokenized paragraph by paragraph (cached per process)."""
+    """All token ids of ``text`` (no special tokens), tokenized paragraph by paragraph (cached per process).
+
+    Paragraphs keep their blank lines, so a lossless tokenizer (byte-level BPE) decodes the stream back
+    to the text."""
     key = (id(tokenizer), hash(text))
     if key not in _STREAMS:
         if len(_STREAMS) >= 4:  # a few texts per process (train and test of one or two tokenizers)
@@ -90,8 +94,8 @@ _STREAMS: dict[tuple[int, int], torch.Tensor] = {}
 def _tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     import logging as std_logging
 
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
-    if not paragraphs:
+    paragraphs = [p for p in re.split(r"(?<=\n\n)", text) if p]  # the blank lines stay with their paragraph
+    if not text.strip():
         raise DataError("the text is empty")
     tf_logger = std_logging.getLogger("transformers.tokenization_utils_base")
     level = tf_logger.level
@@ -154,9 +158,9 @@ def build_dataset(text: str, options: Mapping[str, str], split: str, num_samples
                   seed: int) -> Dataset:
     if "tokenizer" not in options:
         raise DataError("text data needs a tokenizer: add ?tokenizer=MODEL_ID (e.g. austen?tokenizer=zoo:opt-austen)")
+    length = window_length(options)
     tokenizer = load_tokenizer(options["tokenizer"])
-    windows = make_windows(token_stream(tokenizer, text), tokenizer, window_length(options), split, num_samples,
-                           seed)
+    windows = make_windows(token_stream(tokenizer, text), tokenizer, length, split, num_samples, seed)
     if options.get("reference"):
         return TensorDataset(windows, reference_outputs(options["reference"], windows))
     return TensorDataset(windows, windows.clone())
