@@ -58,7 +58,8 @@ class MixedPrecisionPass(ModelPass):
     (sum of MACs x weight bits x input bits per sample); ``candidates`` (bit widths to choose from);
     ``depthwise_candidates`` (default: the candidates >= ``depthwise_min_bits``) and ``pointwise_candidates``
     (default: ``candidates``); ``sensitivity`` (``hessian``, ``fisher``, ``output_mse``) measured on ``samples``
-    calibration samples; ``hutchinson_iters`` / ``hutchinson_tol`` for ``hessian``. Layers whose bits the recipe's
+    calibration samples; for ``hessian``, at most ``hutchinson_iters`` probes per layer, fewer once the relative
+    standard error of a layer's trace is below ``hutchinson_tol``. Layers whose bits the recipe's
     bit policy sets (first, last, overrides) keep them and count against ``bytes`` / ``bops`` budgets.
     """
 
@@ -75,8 +76,8 @@ class MixedPrecisionPass(ModelPass):
         pointwise_candidates: tuple = ()
         sensitivity: str = "hessian"
         samples: int = 256
-        hutchinson_iters: int = 100
-        hutchinson_tol: float = 1e-3
+        hutchinson_iters: int = 50
+        hutchinson_tol: float = 0.1
 
     def __init__(self, config: Any = None) -> None:
         super().__init__(config)
@@ -151,12 +152,16 @@ class MixedPrecisionPass(ModelPass):
         elif c.sensitivity == "hessian":
             traces = hutchinson_traces(ctx.fp_model, ctx.adapter, names, batches, ctx.device,
                                        iters=c.hutchinson_iters, tol=c.hutchinson_tol, seed=ctx.seed)
-            mean_trace = {x.name: max(traces[x.name], 0.0) / x.numel for x in layers}
-            negative = [n for n, t in traces.items() if t < 0]
+            negative = [n for n, t in traces.items() if t.trace < 0]
             if negative:
-                logger.warning("mixed: negative Hessian trace estimates (set to 0) for %s", negative)
+                logger.warning("mixed: negative Hessian trace estimates (set to 0) for %s: raise hutchinson_iters "
+                               "or lower hutchinson_tol", negative)
+            mean_trace = {x.name: max(traces[x.name].trace, 0.0) / x.numel for x in layers}
             for name, bits, delta in iter_perturbations(ctx.fp_model, names, candidates, quantized):
                 table[name][bits] = mean_trace[name] * float((delta.double() ** 2).sum())
+            extras["trace_relative_stderr"] = {n: (t.stderr / abs(t.trace) if t.trace else None)
+                                               for n, t in traces.items()}
+            extras["trace_probes"] = {n: t.iterations for n, t in traces.items()}
             extras["mean_trace"] = mean_trace
         else:
             fisher = fisher_diagonals(ctx.fp_model, ctx.adapter, names, batches, ctx.device)
