@@ -53,10 +53,16 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "fp": result.fp_metrics,
         "quant": result.quant_metrics,
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": _cpu_seconds(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "recipe": result.recipe.to_dict(),
         "units": len(result.records),
     }
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -93,6 +99,8 @@ def main() -> None:
     parser.add_argument("--mobilenet-reg-weight", type=float, default=0.1,
                         help="AdaRound lambda on MobileNetV2 (BRECQ / QDrop use 0.1)")
     parser.add_argument("--out", default=str(RESULTS / "fidelity.md"))
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the runs already recorded in --out's JSON (same configurations) and run the rest")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -104,37 +112,55 @@ def main() -> None:
     common = dict(parse_override(o) for o in args.override)
     command = "python benchmarks/fidelity.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = os.getloadavg()
-    rows: list[dict[str, Any]] = []
+    done = previous_runs(Path(args.out)) if args.resume else {}
+    rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     fp_cache: dict[str, dict[str, float]] = {}
     for model in args.models:
         for w_bits, a_bits in args.settings:
+            setting = f"W{w_bits}A{a_bits}"
             seeds = [args.seed + i for i in range(args.seeds_2bit if min(w_bits, a_bits) <= 2 else 1)]
-            for method in args.methods:
-                overrides = dict(common)
-                if "mobilenet" in model and method != "nearest":
-                    overrides["rounding.options.reg_weight"] = args.mobilenet_reg_weight
-                runs = []
-                for seed in seeds:
+            # seed-major: every method gets its first seed before any gets its second
+            for seed in seeds:
+                for method in args.methods:
+                    overrides = dict(common)
+                    if "mobilenet" in model and method != "nearest":
+                        overrides["rounding.options.reg_weight"] = args.mobilenet_reg_weight
                     spec = {"method": method, "model": model, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
                             "calib": args.calib_samples, "data": args.data, "eval_samples": args.eval_samples,
                             "preset": args.preset if method != "nearest" else None, "overrides": overrides,
                             "threads": args.threads, "evaluate_fp": model not in fp_cache}
-                    out = run_worker(spec)
-                    if "error" not in out and out["fp"]:
+                    key = (model, setting, method)
+                    row = rows.setdefault(key, {"model": model, "setting": setting, "method": method, "runs": []})
+                    out = done.get((model, setting, method, seed))
+                    if out is None:
+                        out = run_worker(spec)
+                        out["load_after"] = os.getloadavg()[0]
+                    if "error" not in out and out.get("fp"):
                         fp_cache[model] = out["fp"]
-                    runs.append(out)
-                    print(f"{model} W{w_bits}A{a_bits} {method} seed {seed}: "
+                    elif model not in fp_cache and done.get(("fp", model)):
+                        fp_cache[model] = done[("fp", model)]
+                    row["runs"].append({"seed": seed, **out})
+                    print(f"{model} {setting} {method} seed {seed}: "
                           f"{out.get('quant', {}).get('top1', out.get('error'))}", flush=True)
-                ok = [r for r in runs if "error" not in r]
-                rows.append({
-                    "model": model, "setting": f"W{w_bits}A{a_bits}", "method": method, "seeds": seeds,
-                    "top1": [r["quant"]["top1"] for r in ok], "seconds": [r["seconds"] for r in ok],
-                    "peak_rss_mib": [r["peak_rss_mib"] for r in ok],
-                    "errors": [r["error"] for r in runs if "error" in r],
-                })
-                # rewrite the table after every configuration: an interrupted benchmark keeps what it measured
-                write_table(rows, fp_cache, args, command, load_start, os.getloadavg(), quiet=True)
-    write_table(rows, fp_cache, args, command, load_start, os.getloadavg())
+                    # rewrite after every run: an interrupted benchmark keeps what it measured
+                    write_table(list(rows.values()), fp_cache, args, command, load_start, os.getloadavg(),
+                                quiet=True)
+    write_table(list(rows.values()), fp_cache, args, command, load_start, os.getloadavg())
+
+
+def previous_runs(out: Path) -> dict[Any, Any]:
+    """Runs recorded in ``out``'s JSON by an earlier invocation, keyed (model, setting, method, seed)."""
+    path = out.with_suffix(".json")
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    done: dict[Any, Any] = {("fp", m): v for m, v in data.get("fp", {}).items()}
+    for row in data.get("rows", []):
+        for run in row.get("runs", []):
+            if "error" not in run:
+                done[(row["model"], row["setting"], row["method"], run["seed"])] = {
+                    k: v for k, v in run.items() if k != "seed"}
+    return done
 
 
 def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], args: argparse.Namespace,
@@ -155,16 +181,25 @@ def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], arg
         f"(same images and seeds for every method); evaluation on {args.eval_samples or 'all'} test images of "
         f"`{args.data}`. Two-bit settings: mean (min..max) over {args.seeds_2bit} seeds.",
         "",
-        "| model | FP top-1 | setting | method | top-1 | wall s / run | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        "*CPU s* is the run's own processor time (user + system), which machine load does not inflate; *wall s*"
+        " includes waiting for a core and is only comparable between runs made under the same load.",
+        "",
+        "| model | FP top-1 | setting | method | seeds | top-1 | CPU s / run | wall s / run | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        ok = [run for run in r["runs"] if "error" not in run]
+        errors = [run["error"] for run in r["runs"] if "error" in run]
         fp_top1 = fp.get(r["model"], {}).get("top1")
         fp_text = f"{fp_top1:.2f}" if fp_top1 is not None else "n/a"
-        top1 = summarize(r["top1"]) if r["top1"] else f"error: {r['errors'][:1]}"
-        secs = f"{statistics.mean(r['seconds']):.0f}" if r["seconds"] else "n/a"
-        rss = f"{max(r['peak_rss_mib']):.0f}" if r["peak_rss_mib"] else "n/a"
-        lines.append(f"| {r['model']} | {fp_text} | {r['setting']} | {r['method']} | {top1} | {secs} | {rss} |")
+        top1 = summarize([run["quant"]["top1"] for run in ok]) if ok else f"error: {errors[:1]}"
+        cpu = [run["cpu_seconds"] for run in ok if "cpu_seconds" in run]
+        cpu_text = f"{statistics.mean(cpu):.0f}" if cpu else "n/a"
+        secs = f"{statistics.mean(run['seconds'] for run in ok):.0f}" if ok else "n/a"
+        rss = f"{max(run['peak_rss_mib'] for run in ok):.0f}" if ok else "n/a"
+        seeds = ",".join(str(run["seed"]) for run in ok) or "-"
+        lines.append(f"| {r['model']} | {fp_text} | {r['setting']} | {r['method']} | {seeds} | {top1} | {cpu_text} "
+                     f"| {secs} | {rss} |")
     text = "\n".join(lines) + "\n"
     if not quiet:
         print(text)
