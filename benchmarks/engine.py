@@ -11,6 +11,9 @@ residuals, an OPT-125m-shaped decoder layer when ``transformers`` is installed) 
 * cache bytes per calibration sample for the unit (inputs, targets, and fp inputs for QDrop) in the
   fp32, fp16 and disk caches; peak resident memory as the calibration set grows (cpu vs disk cache);
   resident memory after each unit of a whole run;
+* the OPT row times one decoder layer of an OPT-125m-shaped model (random init) on 32 sequences of 32
+  tokens (a step of 1 024 tokens costs about as much as a ResNet-18 block at 224x224 here), with a fifth of the
+  steps per round;
 * the estimated wall time of an official-default QDrop run (20 000 steps per block) of ResNet-18 at
   224x224 from the measured step times.
 
@@ -54,6 +57,31 @@ UNITS = [
     ("torchvision:mobilenet_v2", 224, ["features.2", "features.14"]),
 ]
 QUICK_UNITS = [("zoo:resnet18-fmnist", 32, ["layer1.0"])]
+# an OPT-125m-shaped decoder (hidden 768, 12 heads, FFN 3072; two random-init layers), sequences of this length
+OPT_ID, OPT_SEQ = "opt-125m-shaped", 32
+
+
+def opt_model_id() -> str:
+    """A local directory holding a random-init OPT with OPT-125m's layer shapes (needs ``transformers``)."""
+    import tempfile
+
+    from transformers import OPTConfig, OPTForCausalLM
+
+    directory = os.path.join(tempfile.gettempdir(), "quantplug-bench-opt-125m-shaped")
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        torch.manual_seed(0)
+        config = OPTConfig(hidden_size=768, num_attention_heads=12, ffn_dim=3072, num_hidden_layers=2,
+                           word_embed_proj_dim=768, vocab_size=50272, max_position_embeddings=2048)
+        OPTForCausalLM(config).save_pretrained(directory)
+    return "local:" + directory
+
+
+def calibration_inputs(model_id: str, resolution: int, samples: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    sizes = [min(BATCH, samples - i) for i in range(0, samples, BATCH)]
+    if model_id == OPT_ID:
+        return [torch.randint(4, 50000, (n, resolution), generator=gen) for n in sizes]
+    return [torch.randn(n, 3, resolution, resolution, generator=gen) for n in sizes]
 
 
 def _rss_mib() -> float:
@@ -82,13 +110,12 @@ def build_engine(method: str, model_id: str, resolution: int, samples: int, cach
                  "activation_observer.name": "minmax", "calib.num_samples": samples, "calib.batch_size": BATCH,
                  "recon.batch_size": BATCH, "recon.cache": cache, **spec["overrides"]}
     recipe = resolve(session, spec["recipe"], base=None, preset=None, overrides=overrides)
-    adapter = session.adapter_for(model_id)
+    load_id = opt_model_id() if model_id == OPT_ID else model_id
+    adapter = session.adapter_for(load_id)
     device = torch.device("cpu")
-    fp_model, q_model = build_quant_model(adapter, model_id, recipe, device)
-    gen = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(min(BATCH, samples - i), 3, resolution, resolution, generator=gen)
-              for i in range(0, samples, BATCH)]
-    targets = [torch.zeros(x.shape[0], dtype=torch.long) for x in inputs]
+    fp_model, q_model = build_quant_model(adapter, load_id, recipe, device)
+    inputs = calibration_inputs(model_id, resolution, samples)
+    targets = [x if model_id == OPT_ID else torch.zeros(x.shape[0], dtype=torch.long) for x in inputs]
     calibrate_weights(q_model, session, recipe)
     calibrate_activations(q_model, adapter, list(zip(inputs, targets))[:2], session, recipe, device)
     blocks = adapter.blocks(fp_model)
@@ -104,7 +131,7 @@ def build_engine(method: str, model_id: str, resolution: int, samples: int, cach
 
 def find_unit(plan: list[Any], name: str) -> tuple[int, Any]:
     for i, unit in enumerate(plan):
-        if unit.name == name or name in unit.blocks:
+        if unit.name == name or name in unit.blocks or unit.name.endswith("." + name):
             return i, unit
     raise SystemExit(f"no unit {name!r} in the plan: {[u.name for u in plan]}")
 
@@ -124,7 +151,8 @@ def fp_step_fn(engine: Any, unit: Any, work: Any) -> Any:
         x = work.inputs.read(idx, torch.device("cpu"))
         y = work.targets.read(idx, torch.device("cpu"))
         module.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(module(x), y)
+        out = module(x)
+        loss = nn.functional.mse_loss(out[0] if isinstance(out, tuple) else out, y)
         loss.backward()
 
     return step
@@ -249,7 +277,8 @@ def render(args: argparse.Namespace, timing: list[dict[str, Any]], memory: list[
         for m in METHODS:
             cells += [f"{s[m]:.4f}", f"{s[m] / s['fp']:.2f}"]
         c = row["cache_bytes_per_sample"]
-        lines.append(f"| {row['model']} | {row['resolution']}x{row['resolution']} | {row['unit']} | "
+        size = f"{row['resolution']} tokens" if row["model"] == OPT_ID else f"{row['resolution']}x{row['resolution']}"
+        lines.append(f"| {row['model']} | {size} | {row['unit']} | "
                      + " | ".join(cells) + f" | {c['fp32']:,} | {c['fp16']:,} |")
     r224 = [r for r in timing if r.get("model") == "torchvision:resnet18" and "seconds" in r]
     if r224:
@@ -299,13 +328,16 @@ def main() -> None:
     if not args.quick:
         try:
             import transformers  # noqa: F401
+
+            units = [*units, (OPT_ID, OPT_SEQ, ["layers.0"])]
         except ImportError:
             print("transformers is not installed: the OPT decoder layer row is skipped", file=sys.stderr)
     timing = []
     for model_id, resolution, names in units:
         for name in names:
+            steps = max(1, args.steps // 5) if model_id == OPT_ID else args.steps
             row = run_worker("time", {"model": model_id, "resolution": resolution, "unit": name,
-                                      "steps": args.steps, "rounds": args.rounds}, args.threads)
+                                      "steps": steps, "rounds": args.rounds}, args.threads)
             row.setdefault("model", model_id)
             row.setdefault("resolution", resolution)
             row.setdefault("unit", name)
