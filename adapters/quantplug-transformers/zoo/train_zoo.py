@@ -134,9 +134,11 @@ def main() -> None:
     train_start = time.perf_counter()
     stop_reason = "time cap"
     while True:
-        if step == 50:  # the step budget that fits the wall-time cap (evaluations take ~12 % of it)
-            per_step = (time.perf_counter() - train_start) / 50
-            total_steps = max(args.warmup * 2, int(0.88 * (budget - (time.perf_counter() - t0)) / per_step) + 50)
+        if step >= 50 and step % 50 == 0:  # the step budget that fits the wall-time cap, re-estimated as the
+            # machine's load changes (evaluations take ~12 % of the time)
+            per_step = (time.perf_counter() - train_start) / step
+            left = int(0.88 * (budget - (time.perf_counter() - t0)) / per_step)
+            total_steps = max(args.warmup * 2, step + max(left, 0))
             logger.info("%.3fs per step: cosine schedule over %d steps", per_step, total_steps)
         lr = args.lr * min(1.0, (step + 1) / args.warmup)
         if step >= args.warmup:
