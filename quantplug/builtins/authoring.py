@@ -27,6 +27,7 @@ from pathlib import Path
 from string import Template
 from typing import Any
 
+from quantplug import console
 from quantplug.errors import ConfigError
 from quantplug.hookspecs import hookimpl
 
@@ -580,13 +581,14 @@ def cmd_new_plugin(args: argparse.Namespace) -> int:
     taken = taken_names(cli._session(), args.kind)
     target = write_plugin(args.name, args.kind, args.dir, taken=taken)
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
-    print(f"created {target}/: {args.kind} plugin {args.name!r} (distribution quantplug-{args.name})")
+    console.out(f"created {target}/: {args.kind} plugin {args.name!r} (distribution quantplug-{args.name})")
     for f in files:
-        print(f"  {f}")
-    print("next:")
-    print(f"  pip install -e {target}")
-    print(f"  python -m pytest {target}")
-    print(f"  quantplug apply --plugin {args.name} testing:tiny-resnet --calib-samples 64 --eval-samples 100 --no-save")
+        console.out(f"  {f}")
+    console.out("next:")
+    console.out(f"  pip install -e {target}")
+    console.out(f"  python -m pytest {target}")
+    console.out(f"  quantplug apply --plugin {args.name} testing:tiny-resnet --calib-samples 64 "
+                "--eval-samples 100 --no-save")
     return 0
 
 

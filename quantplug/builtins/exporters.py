@@ -46,6 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from quantplug import console
 from quantplug.config import Recipe
 from quantplug.errors import ArtifactError, ConfigError
 from quantplug.export import MANIFEST, atomic_directory, read_manifest
@@ -403,20 +404,20 @@ def cmd_export(args: argparse.Namespace) -> int:
         kwargs["session"] = session
     info = exporter.export(model, args.run_dir, out, **kwargs)
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
+        console.out(json.dumps(info, indent=2, default=str))
         return 0
-    print(f"{args.format} export of {args.run_dir} written to {info.get('out_dir', out)}")
+    console.out(f"{args.format} export of {args.run_dir} written to {info.get('out_dir', out)}")
     files = info.get("files") or {}
     for name, size in files.items():
-        print(f"  {name:<32} {size:>12,d} bytes")
+        console.out(f"  {name:<32} {size:>12,d} bytes")
     if "bytes" in info:
-        print(f"  {'total':<32} {info['bytes']:>12,d} bytes")
+        console.out(f"  {'total':<32} {info['bytes']:>12,d} bytes")
     if info.get("float_weight_bytes"):
-        print(f"  quantized weights: {info['packed_weight_bytes']:,d} bytes packed "
+        console.out(f"  quantized weights: {info['packed_weight_bytes']:,d} bytes packed "
               f"({info['float_weight_bytes']:,d} bytes as fp32) in {info['packed_layers']} layers")
     for key in ("max_abs_diff", "max_abs_diff_ort_default"):
         if isinstance(info.get(key), (int, float)):
-            print(f"  {key}: {info[key]:.3g}")
+            console.out(f"  {key}: {info[key]:.3g}")
     return 0
 
 

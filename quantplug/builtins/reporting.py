@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from quantplug import console
 from quantplug.errors import QuantplugError
 from quantplug.export import read_manifest
 from quantplug.hookspecs import hookimpl
@@ -272,9 +273,9 @@ def plot_unit_losses(manifest: Mapping[str, Any], path: str | os.PathLike[str]) 
 def cmd_report(args: argparse.Namespace) -> int:
     """``quantplug report RUN_DIR [--png PATH]``: print the summary; write the chart when asked."""
     manifest = read_manifest(args.run_dir)
-    print(render_report(manifest, args.run_dir), end="")
+    console.out(render_report(manifest, args.run_dir), end="")
     if args.png:
-        print(f"loss chart written to {plot_unit_losses(manifest, args.png)}")
+        console.out(f"loss chart written to {plot_unit_losses(manifest, args.png)}")
     return 0
 
 
