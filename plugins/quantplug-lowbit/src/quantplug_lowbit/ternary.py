@@ -1,0 +1,120 @@
+"""Ternary weights: TWN (Li, Zhang & Liu, "Ternary Weight Networks", arXiv 1605.04711, 2016).
+
+Per quantization row (the paper and its released code ``fengfu-chris/caffe-twns`` use one per layer)::
+
+    Delta = 0.7 * mean |W|                                   (eq. 13: the approximate optimal threshold)
+    T_i   = sign(W_i) if |W_i| > Delta else 0
+    a     = sum_{|W_i| > Delta} |W_i| / |{i : |W_i| > Delta}|   (eq. 11: the mean |W| of the kept weights)
+    W    ~ a * T
+
+The released code computes ``Delta = 0.7 * asum(W) / count(W)`` (``Blob::set_delta``, ``TERNARY_DELTA = 7``) and
+``a = <T, W> / <T, T>`` (``Blob::ternarize_data``), which is the same mean over the kept weights.
+
+With ``learn_latent`` the rounding trains a latent copy ``V`` of the weights with the reconstruction loss (TWN's
+training rule, applied block by block): ``Delta`` and ``a`` are recomputed from ``V`` at every step, the gradient
+reaches ``V`` straight through the threshold (and through ``a``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantplug.errors import ConfigError
+from quantplug.interfaces import Rounding, WeightRounder
+from quantplug.modules import QuantLayer
+from quantplug.quantizer import from_rows
+from quantplug_lowbit.grid import layer_rows, safe_scale, sign_zero_point
+from quantplug_lowbit.ste import ternary_ste
+
+__all__ = ["TWN_THRESHOLD_FACTOR", "TernaryRounder", "TernaryRounding", "twn_codes", "twn_scale", "twn_threshold"]
+
+#: the paper's eq. 13 and the released code's ``TERNARY_DELTA = 7`` (tenths)
+TWN_THRESHOLD_FACTOR = 0.7
+
+
+def twn_threshold(rows: torch.Tensor, factor: float = TWN_THRESHOLD_FACTOR) -> torch.Tensor:
+    """``Delta = factor * mean |W|`` per row (``[rows]``)."""
+    return factor * rows.abs().mean(dim=1)
+
+
+def twn_codes(rows: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """Ternary codes: ``sign(W)`` where ``|W| > Delta`` (strictly), else 0."""
+    return (torch.sign(rows) * (rows.abs() > threshold[:, None])).to(rows.dtype)
+
+
+def twn_scale(rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """``a = <T, W> / <T, T>``: the mean |W| of the kept weights per row (0 where no weight is kept)."""
+    kept = codes.abs().sum(dim=1)
+    return (codes * rows).sum(dim=1) / kept.clamp_min(1.0)
+
+
+class TernaryRounder(WeightRounder):
+    """Per-layer ternary state: fixed codes and scales, or a learned latent weight ``V`` (``learn_latent``)."""
+
+    def __init__(self, layer: QuantLayer, config: TernaryRounding.Config) -> None:
+        super().__init__()
+        self.layer = [layer]  # a list keeps the layer out of this module's children
+        rows, spec = layer_rows(layer, "ternary rounding")
+        self.spec = spec
+        self.factor = config.threshold_factor
+        self.zero_point = float(sign_zero_point(spec))
+        codes = twn_codes(rows, twn_threshold(rows, self.factor))
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", safe_scale(twn_scale(rows, codes)))
+        self.latent: nn.Parameter | None = None
+        if config.learn_latent:
+            self.register_buffer("unit", safe_scale(rows.abs().mean(dim=1)))  # |V| ~ 1 in these units
+            self.latent = nn.Parameter(rows / self.unit[:, None])
+
+    def _latent_rows(self) -> torch.Tensor:
+        assert self.latent is not None
+        return self.latent * self.unit[:, None]
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (``[rows, n]`` in {-1, 0, 1}) and scales (``[rows]``) the layer would be hardened to now."""
+        if self.latent is None:
+            return self.codes, self.scale
+        v = self._latent_rows().detach()
+        codes = twn_codes(v, twn_threshold(v, self.factor))
+        return codes, safe_scale(twn_scale(v, codes))
+
+    def forward(self) -> torch.Tensor:
+        weight = self.layer[0].weight
+        if self.latent is None:
+            rows = self.codes * self.scale[:, None]
+        else:
+            v = self._latent_rows()
+            codes = ternary_ste(v, twn_threshold(v.detach(), self.factor)[:, None])
+            rows = codes * twn_scale(v, codes.detach())[:, None]
+        return from_rows(rows, weight.shape, self.spec)
+
+    @torch.no_grad()
+    def hard_codes(self) -> torch.Tensor:
+        codes, _ = self.current()
+        return from_rows(codes + self.zero_point, self.layer[0].weight.shape, self.spec)
+
+    @torch.no_grad()
+    def final_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        _, scale = self.current()
+        return scale.clone(), torch.full_like(scale, self.zero_point)
+
+
+class TernaryRounding(Rounding):
+    """Ternary weights a * T, Delta = 0.7 mean |W|, a = mean |W| over |W| > Delta (TWN, Li et al. 2016)."""
+
+    name = "ternary"
+
+    @dataclass(frozen=True)
+    class Config:
+        threshold_factor: float = TWN_THRESHOLD_FACTOR  # Delta = factor * mean |W| (paper eq. 13: 0.7)
+        learn_latent: bool = False  # train a latent weight through the threshold with the reconstruction loss
+
+        def __post_init__(self) -> None:
+            if not 0.0 <= self.threshold_factor:
+                raise ConfigError(f"threshold_factor must be >= 0, got {self.threshold_factor}")
+
+    def attach(self, layer: nn.Module, *, generator: torch.Generator | None = None) -> WeightRounder:
+        return TernaryRounder(layer, self.config)  # type: ignore[arg-type]
