@@ -37,7 +37,7 @@ _CLOSED_FORM: dict[str, Any] = {
 
 #: the latent weights of every block trained with the block reconstruction loss (ours: BRECQ's block setting)
 _RECONSTRUCT: dict[str, Any] = {
-    "recon.iters": 2000,
+    "recon.iters": 500,
     "recon.lr": 1e-3,
     "recon.lr_schedule": "cosine",
     "scheduler.name": "block",
