@@ -1,7 +1,10 @@
 """Quantization-aware fine-tuning of a whole fake-quantized model, started from any PTQ result.
 
 Esser et al., "Learned Step Size Quantization" (ICLR 2020): weights through a straight-through round, step
-sizes of weights and activations learned with a scaled gradient, SGD with momentum 0.9 and cosine decay.
+sizes of weights and activations learned with a scaled gradient, cosine learning-rate decay. LSQ trains
+with SGD (momentum 0.9) for 90 epochs; these short fine-tunes default to Adam, which moved the weights
+and steps much further in the same number of steps (see the README's measurements); ``optimizer=sgd``
+gives LSQ's optimizer.
 The pass runs after calibration and reconstruction (stage ``quantized``):
 
 1. every weight-quantized layer gets an ``LSQWeight`` (latent weight = its dequantized hard codes, step
@@ -36,6 +39,7 @@ from quantplug_qat.lsq import ActivationSteps, LSQWeight
 logger = logging.getLogger(__name__)
 
 INITS = ("codes", "float")
+OPTIMIZERS = ("sgd", "adam")
 
 
 class FakeQuantTraining:
@@ -72,13 +76,31 @@ class FakeQuantTraining:
         for _, layer, _ in self.layers:
             layer.weight.requires_grad_(False)
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Weights (latent and float, ``dim > 1``) with weight decay; biases and step sizes without."""
-        weights = [r.latent for _, _, r in self.layers] + [p for p in self.float_params if p.dim() > 1]
-        others = [p for p in self.float_params if p.dim() <= 1] + list(self.activations.params)
+    def step_params(self) -> list[nn.Parameter]:
+        steps = list(self.activations.params)
         if self.learn_weight_step:
-            others += [r.weight_step for _, _, r in self.layers]
-        return [{"params": weights, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+            steps += [r.weight_step for _, _, r in self.layers]
+        return steps
+
+    def param_groups(self, lr: float, weight_decay: float, step_lr: float | None) -> list[dict[str, Any]]:
+        """Weights (latent and float, ``dim > 1``) with weight decay; biases and step sizes without.
+
+        ``step_lr`` (Adam): each step-size tensor gets its own group with ``lr = step_lr * mean(step)``, so an
+        iteration changes a step by about ``step_lr`` of itself whatever its magnitude (Adam's update is about
+        ``lr`` in absolute terms). None: the steps share ``lr`` (SGD with LSQ's gradient scale).
+        """
+        weights = [r.latent for _, _, r in self.layers] + [p for p in self.float_params if p.dim() > 1]
+        biases = [p for p in self.float_params if p.dim() <= 1]
+        groups: list[dict[str, Any]] = [{"params": weights, "lr": lr, "weight_decay": weight_decay},
+                                         {"params": biases, "lr": lr, "weight_decay": 0.0}]
+        steps = self.step_params()
+        if step_lr is None:
+            groups.append({"params": steps, "lr": lr, "weight_decay": 0.0})
+        else:
+            for step in steps:
+                scale = float(step.detach().abs().mean())
+                groups.append({"params": [step], "lr": step_lr * scale, "weight_decay": 0.0})
+        return [g for g in groups if g["params"]]
 
     def clamp_steps(self) -> None:
         self.activations.clamp_()
@@ -119,7 +141,7 @@ class QATPass(ModelPass):
     """Quantization-aware fine-tuning (LSQ, Esser et al., ICLR 2020): STE weights, learned steps, from the PTQ result.
 
     Stage ``quantized``. Trains the whole fake-quantized model with the adapter's task loss (and optional
-    distillation from the full-precision model), SGD with momentum and cosine decay, then hardens the
+    distillation from the full-precision model), Adam (or LSQ's SGD) with cosine decay, then hardens the
     integer codes again. Data: the calibration set (default) or ``num_samples`` samples of ``data``.
     """
 
@@ -133,6 +155,8 @@ class QATPass(ModelPass):
         batch_size: int = 64
         num_samples: int | None = None  # None: every sample (of the calibration set, or of `data`)
         data: str | None = None  # a data spec to train on (its train split); None: the calibration set
+        optimizer: str = "adam"  # adam | sgd (LSQ's: momentum 0.9; needs far more steps, see the README)
+        step_lr: float = 1e-3  # Adam: step sizes move by about this fraction of themselves per iteration
         momentum: float = 0.9
         weight_decay: float = 0.0
         distill: float = 0.0  # weight of distillation from the FP model (0: task loss only, 1: distillation only)
@@ -145,14 +169,16 @@ class QATPass(ModelPass):
     def __init__(self, config: QATPass.Config | None = None) -> None:
         super().__init__(config)
         c = self.config
-        if c.epochs < 1 or c.batch_size < 1 or not c.lr > 0:
-            raise ConfigError("qat: epochs and batch_size must be >= 1 and lr > 0")
+        if c.epochs < 1 or c.batch_size < 1 or not c.lr > 0 or not c.step_lr > 0:
+            raise ConfigError("qat: epochs and batch_size must be >= 1, lr and step_lr > 0")
         if c.num_samples is not None and c.num_samples < 1:
             raise ConfigError("qat: num_samples must be >= 1 (or null for every sample)")
         if not 0.0 <= c.distill <= 1.0 or not c.temperature > 0:
             raise ConfigError("qat: distill must be in [0, 1] and temperature > 0")
         if c.init not in INITS:
             raise ConfigError(f"qat: init must be one of {', '.join(INITS)}; got {c.init!r}")
+        if c.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"qat: optimizer must be one of {', '.join(OPTIMIZERS)}; got {c.optimizer!r}")
         if not 0.0 <= c.momentum < 1.0 or c.weight_decay < 0:
             raise ConfigError("qat: momentum must be in [0, 1) and weight_decay >= 0")
 
@@ -175,7 +201,11 @@ class QATPass(ModelPass):
         model.eval()
         state = FakeQuantTraining(model, init=c.init, learn_weight_step=c.learn_weight_step,
                                   learn_act_step=c.learn_act_step)
-        optimizer = torch.optim.SGD(state.param_groups(c.weight_decay), lr=c.lr, momentum=c.momentum)
+        optimizer: torch.optim.Optimizer
+        if c.optimizer == "sgd":
+            optimizer = torch.optim.SGD(state.param_groups(c.lr, c.weight_decay, None), lr=c.lr, momentum=c.momentum)
+        else:
+            optimizer = torch.optim.Adam(state.param_groups(c.lr, c.weight_decay, c.step_lr), lr=c.lr)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=0.0)
         generator = torch.Generator().manual_seed(ctx.seed * 7919 + 17)
         epoch_losses: list[float] = []
@@ -202,7 +232,8 @@ class QATPass(ModelPass):
             hardening = state.harden()
         return {
             "epochs": c.epochs, "steps": total_steps, "samples": num_samples, "batch_size": c.batch_size,
-            "lr": c.lr, "distill": c.distill, "data": c.data or "calibration", "epoch_losses": epoch_losses,
+            "lr": c.lr, "step_lr": c.step_lr, "optimizer": c.optimizer, "distill": c.distill,
+            "data": c.data or "calibration", "epoch_losses": epoch_losses,
             "seconds": time.perf_counter() - t0, **hardening,
         }
 
