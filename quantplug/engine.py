@@ -125,9 +125,13 @@ def capture(
     cache: TensorCache | None = None
     position = 0
     total = sum(_batch_len(x) for x in run.calib_inputs)
+    batch = 0
 
     def store(value: torch.Tensor) -> None:
         nonlocal cache, position
+        if value.shape[0] != batch and value.dim() >= 1 and value.shape[0] % batch == 0:
+            # a model that flattens (batch, tokens) into rows before a layer (OPT's fc1 / fc2): one entry per sample
+            value = value.reshape(batch, -1, *value.shape[1:])
         if cache is None:
             cache = TensorCache(cache_mode, total, value.shape[1:], directory, dtype=value.dtype)
         cache.write(position, value)
@@ -140,6 +144,7 @@ def capture(
         handle = module.register_forward_pre_hook(lambda m, a: store(a[0]))
     try:
         for inputs in run.calib_inputs:
+            batch = _batch_len(inputs)
             try:
                 run.adapter.forward(model, _to_device(inputs, run.device))
             except _StopForward:
@@ -185,10 +190,10 @@ def estimate_cache_bytes(run: RunContext, plan: Sequence[ReconUnit], cache_mode:
         key = id(module) * 2 + int(is_out)
         if is_out:
             handles.append(module.register_forward_hook(
-                lambda m, a, o, k=key: sizes.__setitem__(k, _primary(o)[0].numel())))
+                lambda m, a, o, k=key: sizes.__setitem__(k, _primary(o).numel())))  # one sample
         else:
             handles.append(module.register_forward_pre_hook(
-                lambda m, a, k=key: sizes.__setitem__(k, a[0][0].numel())))
+                lambda m, a, k=key: sizes.__setitem__(k, a[0].numel())))
     try:
         run.adapter.forward(run.fp_model, _to_device(sample, run.device))
     finally:
