@@ -156,7 +156,7 @@ class QATPass(ModelPass):
         num_samples: int | None = None  # None: every sample (of the calibration set, or of `data`)
         data: str | None = None  # a data spec to train on (its train split); None: the calibration set
         optimizer: str = "adam"  # adam | sgd (LSQ's: momentum 0.9; needs far more steps, see the README)
-        step_lr: float = 1e-3  # Adam: step sizes move by about this fraction of themselves per iteration
+        step_lr: float = 1e-2  # Adam: step sizes move by about this fraction of themselves per iteration
         momentum: float = 0.9
         weight_decay: float = 0.0
         distill: float = 0.0  # weight of distillation from the FP model (0: task loss only, 1: distillation only)
