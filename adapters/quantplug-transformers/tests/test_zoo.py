@@ -63,14 +63,15 @@ def test_recorded_heldout_perplexity_is_reproduced() -> None:
 
 
 @pytest.mark.slow
-def test_flexround_beats_nearest_at_w4_on_opt() -> None:
-    """W4 per-tensor weights (activations full precision): FlexRound's held-out perplexity is below nearest's
-    and not below full precision's (FlexRound starts from nearest and lowers each block's output error)."""
+def test_flexround_beats_nearest_at_w3_on_opt() -> None:
+    """W3 per-tensor weights (activations full precision): FlexRound recovers a good part of the perplexity
+    nearest rounding loses, and lowers every block's output error. (At W4 this small model loses only ~0.1 %
+    perplexity to nearest rounding, too little to separate the methods reliably with a test-sized budget.)"""
     pytest.importorskip("quantplug_flexround")
     from quantplug.api import apply
     from quantplug.plugins import Session
 
-    common = {"weight.bits": 4, "weight.granularity": "per_tensor", "activation": None, "calib.num_samples": 64,
+    common = {"weight.bits": 3, "weight.granularity": "per_tensor", "activation": None, "calib.num_samples": 64,
               "calib.batch_size": 16, "bits.first_layer_bits": None, "bits.last_layer_bits": None}
     session = Session(entry_points=True)
     nearest = apply("nearest", "zoo:opt-austen", overrides=common, eval_samples=64, session=session)
@@ -78,6 +79,6 @@ def test_flexround_beats_nearest_at_w4_on_opt() -> None:
                  overrides={**common, "recon.iters": 100, "recon.batch_size": 8, "recon.learn_act_step": False})
     fp_ppl, near_ppl = nearest.fp_metrics["perplexity"], nearest.quant_metrics["perplexity"]
     flex_ppl = flex.quant_metrics["perplexity"]
-    assert near_ppl > fp_ppl, "W4 per-tensor nearest rounding should cost some perplexity"
-    assert fp_ppl * 0.995 <= flex_ppl < near_ppl
-    assert all(r.loss_after < 0.8 * r.loss_before for r in flex.records)  # every block's output error drops
+    assert near_ppl > fp_ppl * 1.002, "W3 per-tensor nearest rounding should cost some perplexity"
+    assert fp_ppl * 0.998 <= flex_ppl < near_ppl - 0.3 * (near_ppl - fp_ppl)
+    assert all(r.loss_after < 0.8 * r.loss_before for r in flex.records)
