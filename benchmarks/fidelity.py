@@ -88,7 +88,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", type=parse_setting, default=[(4, 4), (3, 3), (2, 4), (2, 2)])
     parser.add_argument("--methods", nargs="+", default=["nearest", "adaround", "brecq", "qdrop"])
     parser.add_argument("--preset", default="cpu-fast")
-    parser.add_argument("--data", default="fmnist:32", help="data spec (calibration: train split, eval: test split)")
+    parser.add_argument("--data", default=None,
+                        help="data spec (calibration: train split, eval: test split); default: the full Fashion-MNIST "
+                        "at each zoo model's own input size (fmnist:32 for ResNet-18, fmnist:48 for MobileNetV2)")
     parser.add_argument("--calib-samples", type=int, default=512)
     parser.add_argument("--eval-samples", type=int, default=None, help="default: the whole test split")
     parser.add_argument("--seeds-2bit", type=int, default=3)
@@ -126,7 +128,8 @@ def main() -> None:
                     if "mobilenet" in model and method != "nearest":
                         overrides["rounding.options.reg_weight"] = args.mobilenet_reg_weight
                     spec = {"method": method, "model": model, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
-                            "calib": args.calib_samples, "data": args.data, "eval_samples": args.eval_samples,
+                            "calib": args.calib_samples, "data": args.data or model_data(model),
+                            "eval_samples": args.eval_samples,
                             "preset": args.preset if method != "nearest" else None, "overrides": overrides,
                             "threads": args.threads, "evaluate_fp": model not in fp_cache}
                     key = (model, setting, method)
@@ -146,6 +149,14 @@ def main() -> None:
                     write_table(list(rows.values()), fp_cache, args, command, load_start, os.getloadavg(),
                                 quiet=True)
     write_table(list(rows.values()), fp_cache, args, command, load_start, os.getloadavg())
+
+
+def model_data(model: str) -> str:
+    """The full Fashion-MNIST at the resolution the zoo model was trained on (its default data is the subset)."""
+    from quantplug.plugins import Session
+
+    default = Session().adapter_for(model).default_data(model) or "fmnist:32"
+    return default.replace("fmnist-subset", "fmnist")
 
 
 def previous_runs(out: Path) -> dict[Any, Any]:
@@ -179,7 +190,8 @@ def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], arg
         "",
         f"Preset `{args.preset}` for the reconstruction methods; calibration {args.calib_samples} training images "
         f"(same images and seeds for every method); evaluation on {args.eval_samples or 'all'} test images of "
-        f"`{args.data}`. Two-bit settings: mean (min..max) over {args.seeds_2bit} seeds.",
+        f"`{args.data or 'fmnist:<size the model was trained at>'}`. "
+        f"Two-bit settings: mean (min..max) over {args.seeds_2bit} seeds.",
         "",
         "*CPU s* is the run's own processor time (user + system), which machine load does not inflate; *wall s*"
         " includes waiting for a core and is only comparable between runs made under the same load.",

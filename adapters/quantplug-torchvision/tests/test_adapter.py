@@ -8,7 +8,7 @@ import urllib.error
 
 import pytest
 import torch
-from quantplug_torchvision.adapter import TorchvisionAdapter
+from quantplug_torchvision.adapter import TorchvisionAdapter, available_zoo_models
 from quantplug_torchvision.sources import FashionMNISTSource, TensorFileSource
 from torch import nn
 
@@ -170,3 +170,16 @@ def test_zoo_metadata_is_consistent_when_weights_exist() -> None:
             continue
         meta = json.loads((zoo_dir() / f"{arch}-fmnist.json").read_text())
         assert meta["arch"] == arch and meta["input_size"][0] == 3
+
+
+def test_zoo_model_rejects_inputs_of_another_size_with_the_fix() -> None:
+    """zoo:mobilenetv2-fmnist was trained at 48x48: 32x32 data would run and give chance accuracy."""
+    if "mobilenetv2-fmnist" not in available_zoo_models():
+        pytest.skip("zoo weights not committed")
+    adapter = TorchvisionAdapter()
+    model = adapter.load("zoo:mobilenetv2-fmnist", device=torch.device("cpu"))
+    assert adapter.default_data("zoo:mobilenetv2-fmnist") == "fmnist-subset:48"
+    with torch.no_grad():
+        assert adapter.forward(model, torch.zeros(2, 3, 48, 48)).shape == (2, 10)
+        with pytest.raises(DataError, match="fmnist:48"):
+            adapter.forward(model, torch.zeros(2, 3, 32, 32))

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantplug.errors import ModelLoadError
+from quantplug.errors import DataError, ModelLoadError
 from quantplug.interfaces import ModelAdapter, UnitSpec
 from quantplug_torchvision.structure import blocks_of, family_of, head_module
 
@@ -161,6 +161,8 @@ class TorchvisionAdapter(ModelAdapter):
             model = _build_torchvision(meta["arch"], None, 10)
             state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
             model.load_state_dict(state)
+            # the zoo model was trained at this size; other sizes run but give meaningless accuracy
+            model.quantplug_input_size = (model_id, tuple(int(v) for v in meta.get("input_size", [3, 32, 32])))
         elif source == "torchvision":
             model = _build_torchvision(rest, options.get("weights"), options.get("num_classes"))
         else:
@@ -176,6 +178,16 @@ class TorchvisionAdapter(ModelAdapter):
             size = int(meta.get("input_size", [3, 32, 32])[-1])
             return f"fmnist-subset:{size}"
         return None
+
+    def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
+        expected = getattr(model, "quantplug_input_size", None)
+        if expected is not None and isinstance(inputs, torch.Tensor) and tuple(inputs.shape[1:]) != expected[1]:
+            model_id, shape = expected
+            raise DataError(
+                f"{model_id} was trained on {shape[1]}x{shape[2]} inputs but got {tuple(inputs.shape[1:])}: "
+                f"use --data fmnist:{shape[-1]} (or fmnist-subset:{shape[-1]}), or leave --data out for its default"
+            )
+        return model(inputs)
 
     def blocks(self, model: nn.Module) -> list[UnitSpec]:
         return blocks_of(model)
