@@ -42,7 +42,8 @@ class TransformersAdapter(ModelAdapter):
 
     name = "transformers"
     prefixes = ("hf", "local", "zoo")
-    default_model = "zoo:opt-austen"
+    #: no default model: ``quantplug apply`` without a model keeps the image default (torchvision zoo / testing)
+    default_model = None
 
     @dataclass(frozen=True)
     class Config:
@@ -62,9 +63,6 @@ class TransformersAdapter(ModelAdapter):
         if source == "local":
             return hub.is_model_dir(rest)
         return source == "hf"
-
-    def default_available(self) -> bool:
-        return "opt-austen" in hub.available_zoo_models()
 
     def load(self, model_id: str, *, device: torch.device, options: Mapping[str, Any] | None = None) -> nn.Module:
         options = dict(options or {})
