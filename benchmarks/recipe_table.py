@@ -7,7 +7,10 @@ prints) is recorded before and after every job, because the wall times depend on
 json file are rewritten after every job, so an interrupted run keeps what it measured.
 
     python benchmarks/recipe_table.py --models zoo:resnet18-fmnist zoo:mobilenetv2-fmnist --data fmnist \\
-        --jobs bwn twn ttq "kmeans --w-bits 2" --out plugins/quantplug-lowbit/results/fmnist
+        --model-data zoo:mobilenetv2-fmnist=fmnist:48 --jobs bwn twn ttq "kmeans --w-bits 2" \\
+        --out plugins/quantplug-lowbit/results/fmnist
+
+``--resume`` keeps the rows of an earlier run of the same table whose command is unchanged.
 """
 
 from __future__ import annotations
@@ -80,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", required=True)
     parser.add_argument("--jobs", nargs="+", required=True, help='recipe plus CLI arguments, e.g. "ttq" or '
                                                                   '"bwn --preset reconstruct"')
-    parser.add_argument("--data", default=None)
+    parser.add_argument("--data", default=None, help="data spec of every model (default: each model's own)")
+    parser.add_argument("--model-data", action="append", default=[], metavar="MODEL=DATA",
+                        help="data spec of one model, e.g. zoo:mobilenetv2-fmnist=fmnist:48 (overrides --data)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows of OUT.json whose command is unchanged instead of running them again")
     parser.add_argument("--eval-samples", type=int, default=None, help="default: the full test set")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
@@ -89,11 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     invocation = shlex.join(["python", "benchmarks/recipe_table.py", *(argv if argv is not None else sys.argv[1:])])
     started = time.strftime("%Y-%m-%d %H:%M")
+    model_data = dict(item.split("=", 1) for item in args.model_data)
+    previous: dict[str, dict[str, Any]] = {}
+    if args.resume and out.with_suffix(".json").is_file():
+        previous = {r["command"]: r for r in json.loads(out.with_suffix(".json").read_text())["rows"]
+                    if "error" not in r}
     rows: list[dict[str, Any]] = []
     for model in args.models:
         for job in args.jobs:
-            cmd = job_command(job, model, args.data, args.eval_samples)
-            row = {"model": model, "job": job, **run_job(cmd, args.threads)}
+            cmd = job_command(job, model, model_data.get(model, args.data), args.eval_samples)
+            kept = previous.get(shlex.join(cmd))
+            row = kept if kept is not None else {"model": model, "job": job, **run_job(cmd, args.threads)}
             rows.append(row)
             header = (f"Produced by `{invocation}` (started {started}; torch {torch.__version__}, Python "
                       f"{platform.python_version()}, OMP_NUM_THREADS={args.threads}, "
@@ -101,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             out.with_suffix(".md").write_text(markdown(rows, header))
             out.with_suffix(".json").write_text(json.dumps({"invocation": invocation, "rows": rows}, indent=2))
             status = "failed" if "error" in row else f"{row['quant'].get('top1', float('nan')):.2f}"
-            print(f"{model} | {job}: {status} ({row['seconds']:.0f} s)", flush=True)
+            print(f"{model} | {job}: {status} ({row['seconds']:.0f} s{', kept' if kept else ''})", flush=True)
     return 0
 
 
