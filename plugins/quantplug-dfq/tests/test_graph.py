@@ -76,3 +76,25 @@ def test_channel_clip_replaces_relu6_exactly(tiny_mobilenet, images) -> None:  #
     x = torch.tensor([[-1.0, 3.0], [7.0, 0.5]]).reshape(1, 2, 2, 1)
     clip2 = ChannelClip(torch.tensor([2.0, 6.0]))
     assert clip2(x).flatten().tolist() == [0.0, 2.0, 6.0, 0.5]
+    tokens = torch.tensor([[[-1.0, 3.0], [7.0, 0.5], [4.0, 9.0]]])  # [batch, tokens, features]
+    assert ChannelClip(torch.tensor([2.0, 6.0]), channel_dim=-1)(tokens).flatten().tolist() == [
+        0.0, 3.0, 2.0, 0.5, 2.0, 6.0]
+
+
+def test_relu6_after_a_linear_layer_clips_the_feature_dimension() -> None:
+    class Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 6), nn.ReLU6(), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.act(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = Mlp()
+    x = torch.randn(2, 5, 4) * 10  # token sequences: features are the last dimension
+    before = model(x)
+    (link,) = find_links(model)
+    clip = replace_with_channel_clip(model, link)
+    assert clip is not None and clip.channel_dim == -1
+    assert torch.equal(model(x), before)

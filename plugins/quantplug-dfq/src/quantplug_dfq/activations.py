@@ -15,7 +15,8 @@ from torch import nn
 
 
 class ChannelClip(nn.Module):
-    """``clamp(x, 0, upper[c])`` along the channel dimension (1 for ``[B, C, ...]``, the last for ``[B, C]``).
+    """``clamp(x, 0, upper[c])`` along the channel dimension (``channel_dim``: 1 after a convolution, -1 after
+    a Linear layer, whose features are the last dimension).
 
     Replaces a ReLU6 (``upper = 6``) so that cross-layer equalization and bias absorption can move the
     upper threshold with each channel (Nagel et al., "Data-Free Quantization Through Weight Equalization
@@ -23,12 +24,15 @@ class ChannelClip(nn.Module):
     it with ReLU instead, which changes the function).
     """
 
-    def __init__(self, upper: torch.Tensor) -> None:
+    def __init__(self, upper: torch.Tensor, channel_dim: int = 1) -> None:
         super().__init__()
+        self.channel_dim = channel_dim
         self.register_buffer("upper", upper.detach().clone().float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2) if x.dim() > 2 else (1, -1)
+        dim = self.channel_dim % x.dim()
+        shape = [1] * x.dim()
+        shape[dim] = -1
         upper = self.upper.to(x.dtype).reshape(shape)
         return torch.minimum(torch.clamp(x, min=0.0), upper)
 

@@ -304,6 +304,8 @@ def replace_with_channel_clip(model: nn.Module, link: Link) -> ChannelClip | Non
     if link.activation != "relu6" or link.upper is None or not math.isfinite(link.upper):
         return None
     producer = model.get_submodule(link.producer)
-    clip = ChannelClip(torch.full((out_channels(producer),), float(link.upper), device=producer.weight.device))
+    channel_dim = -1 if hasattr(producer, "in_features") else 1
+    clip = ChannelClip(torch.full((out_channels(producer),), float(link.upper), device=producer.weight.device),
+                       channel_dim)
     set_submodule(model, link.activation_module, clip)
     return clip
