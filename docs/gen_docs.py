@@ -171,7 +171,24 @@ def render_recipes() -> str:
         )
     for entry in entries:
         out += _recipe_section(entry.name, entry.provider, entry.obj, resolved[entry.name])
+    out += _measured_results()
     return "".join(out)
+
+
+def _measured_results(root: Path = ROOT) -> list[str]:
+    """The committed benchmark tables (``benchmarks/results/*.md``), each with the command that produced it."""
+    files = sorted((root / "benchmarks" / "results").glob("*.md"))
+    out = ["\n# Measured results\n\n",
+           "The tables below are copied from `benchmarks/results/` when this page is generated; each names the\n"
+           "command that produced it and the machine load it ran under. Each plugin's README sets the paper's\n"
+           "claimed numbers beside these.\n"]
+    if not files:
+        out.append("\nNo benchmark tables are committed yet.\n")
+    for path in files:
+        text = path.read_text().strip()
+        text = re.sub(r"^(#+) ", lambda m: "#" * min(len(m.group(1)) + 1, 6) + " ", text, flags=re.M)
+        out.append(f"\n<!-- from benchmarks/results/{path.name} -->\n{text}\n")
+    return out
 
 
 def _recipe_section(name: str, provider: str, spec: Any, r: dict[str, Any] | str) -> list[str]:
@@ -202,6 +219,7 @@ def _recipe_section(name: str, provider: str, spec: Any, r: dict[str, Any] | str
             ("scheduler (reconstruction granularity)", _ref(r["scheduler"])),
             ("activation policy", _ref(r["activation_policy"])),
             ("data transforms", transforms),
+            ("model passes", ", ".join(_ref(t) for t in r.get("passes", [])) or "none"),
             ("first / last layer bits", f"{r['bits']['first_layer_bits']} / {r['bits']['last_layer_bits']}"),
             ("calibration", f"{calib['num_samples']} samples, batch {calib['batch_size']}, seed {calib['seed']}"),
             ("reconstruction", f"{recon['iters']} iterations per unit, batch {recon['batch_size']}, lr {recon['lr']}, "
