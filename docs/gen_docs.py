@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import re
+import subprocess
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -178,6 +179,12 @@ def render_recipes() -> str:
 def _measured_results(root: Path = ROOT) -> list[str]:
     """The committed benchmark tables (``benchmarks/results/*.md``), each with the command that produced it."""
     files = sorted((root / "benchmarks" / "results").glob("*.md"))
+    try:  # only committed tables: a benchmark still writing its table must not change the page
+        tracked = subprocess.run(["git", "ls-files", "benchmarks/results"], cwd=root, capture_output=True,
+                                 text=True, check=True).stdout.split()
+        files = [f for f in files if f.relative_to(root).as_posix() in tracked]
+    except (OSError, subprocess.CalledProcessError):
+        pass
     out = ["\n# Measured results\n\n",
            "The tables below are copied from `benchmarks/results/` when this page is generated; each names the\n"
            "command that produced it and the machine load it ran under. Each plugin's README sets the paper's\n"
