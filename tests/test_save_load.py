@@ -81,3 +81,26 @@ def test_failed_run_leaves_no_output(session, tmp_path, monkeypatch) -> None:  #
               eval_samples=50)
     assert not (tmp_path / "r").exists()  # only the resumable checkpoint is left
     assert [p.name for p in tmp_path.iterdir()] == ["r.checkpoint"]
+
+
+def test_tied_weights_are_saved_apart_and_load_back_tied_values(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Language models tie the output projection to the embedding; safetensors refuses shared storage."""
+    from torch import nn
+
+    from quantplug.export import read_state, save_run
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 4)
+            self.head = nn.Linear(4, 10, bias=False)
+            self.head.weight = self.embed.weight
+
+    model = Tied()
+    save_run(model, {"model_id": "test"}, str(tmp_path / "run"))
+    state = read_state(str(tmp_path / "run"))
+    assert torch.equal(state["embed.weight"], model.embed.weight)
+    assert torch.equal(state["head.weight"], state["embed.weight"])
+    fresh = Tied()
+    fresh.load_state_dict(state)
+    assert fresh.head.weight is fresh.embed.weight and torch.equal(fresh.embed.weight, model.embed.weight)
