@@ -35,7 +35,7 @@ def test_scale_is_mean_abs_per_output_channel_and_weights_are_a_sign() -> None:
     layer = _conv(PerChannel(0))
     rounder = BinaryRounding().attach(layer)
     w = layer.weight.detach()
-    expected = w.abs().mean(dim=(1, 2, 3))  # ||W_c||_1 / n, XNOR-Net eq. 4 and util.lua binarizeConvParms
+    expected = w.abs().mean(dim=(1, 2, 3))  # ||W_c||_1 / n, XNOR-Net, util.lua binarizeConvParms
     scale, zero_point = rounder.final_qparams()
     assert torch.allclose(scale, expected) and torch.equal(zero_point, torch.zeros(6))
     assert torch.allclose(rounder(), torch.sign(w) * expected[:, None, None, None])
@@ -76,7 +76,7 @@ def test_stochastic_signs_follow_the_hard_sigmoid_and_are_unbiased_inside_the_sc
     rows = values.repeat(20000).reshape(1, -1)  # one row: many draws of every value, scale a = 1 below
     signs = stochastic_binary_signs(rows, torch.ones(1), torch.Generator().manual_seed(0))
     prob_plus = (signs.reshape(-1, values.numel()) > 0).float().mean(dim=0)
-    expected = ((values + 1) / 2).clamp(0, 1)  # hard_sigmoid(W / a), BinaryConnect eq. 3
+    expected = ((values + 1) / 2).clamp(0, 1)  # hard_sigmoid(W / a), BinaryConnect's stochastic rule
     assert torch.allclose(prob_plus, expected, atol=0.015)
     assert prob_plus[0] == 0 and prob_plus[-1] == 1  # beyond +-a the sign is certain
 

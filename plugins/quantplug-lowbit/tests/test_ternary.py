@@ -51,9 +51,9 @@ def test_closed_form_per_tensor_and_per_channel() -> None:
     for granularity, dims in ((PerTensor(), (0, 1, 2, 3)), (PerChannel(0), (1, 2, 3))):
         layer = QuantConv2d(nn.Conv2d(3, 5, 3), QuantSpec(2, True, granularity), None)
         w = layer.weight.detach()
-        delta = 0.7 * w.abs().mean(dim=dims, keepdim=True)  # eq. 13
+        delta = 0.7 * w.abs().mean(dim=dims, keepdim=True)  # the threshold
         kept = w.abs() > delta
-        alpha = (w.abs() * kept).sum(dim=dims, keepdim=True) / kept.sum(dim=dims, keepdim=True)  # eq. 11
+        alpha = (w.abs() * kept).sum(dim=dims, keepdim=True) / kept.sum(dim=dims, keepdim=True)  # the scale
         rounder = TernaryRounding().attach(layer)
         assert torch.allclose(rounder(), alpha * torch.sign(w) * kept)
         scale, _ = rounder.final_qparams()

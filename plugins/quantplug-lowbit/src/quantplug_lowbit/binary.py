@@ -4,10 +4,10 @@ Per quantization row (an output channel for per-channel grids, the whole tensor 
 
     B = sign(W)  (sign(0) = +1),   a = mean |W| = ||W||_1 / n,   W ~ a * B
 
-``a = ||W||_1 / n`` minimizes ``||W - a B||^2`` for ``B = sign(W)`` (XNOR-Net, eq. 3-4; released code
+``a = ||W||_1 / n`` minimizes ``||W - a B||^2`` for ``B = sign(W)`` (XNOR-Net, sec. 3.1; released code
 ``allenai/XNOR-Net``, ``util.lua`` ``binarizeConvParms``: the L1 norm of each filter divided by its size).
 
-Stochastic binarization (BinaryConnect, eq. 3): ``B = +1`` with probability ``hard_sigmoid(W / a) =
+Stochastic binarization (BinaryConnect, sec. 2.2): ``B = +1`` with probability ``hard_sigmoid(W / a) =
 clip((W / a + 1) / 2, 0, 1)``, else ``-1``. BinaryConnect's released code (``binary_connect.py``) binarizes
 to ``+-H`` with ``p = hard_sigmoid(W / H)``, ``H`` a per-layer constant bounding the (clipped) weights; quantplug
 uses the same rule with ``H = a``, so that ``E[a B] = clip(W, -a, a)``. One draw from the unit's seeded
@@ -25,13 +25,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from quantplug_lowbit.grid import layer_rows, safe_scale, sign_zero_point
-from quantplug_lowbit.ste import sign_ste
 from torch import nn
 
 from quantplug.interfaces import Rounding, WeightRounder
 from quantplug.modules import QuantLayer
 from quantplug.quantizer import from_rows
+from quantplug_lowbit.grid import layer_rows, safe_scale, sign_zero_point
+from quantplug_lowbit.ste import sign_ste
 
 __all__ = ["BinaryRounder", "BinaryRounding", "binary_scale", "binary_signs", "stochastic_binary_signs"]
 
@@ -42,12 +42,12 @@ def binary_scale(rows: torch.Tensor) -> torch.Tensor:
 
 
 def binary_signs(rows: torch.Tensor) -> torch.Tensor:
-    """Deterministic binarization: ``+1`` where ``W >= 0``, else ``-1`` (BinaryConnect eq. 1)."""
+    """Deterministic binarization: ``+1`` where ``W >= 0``, else ``-1`` (BinaryConnect's deterministic rule)."""
     return torch.where(rows >= 0, 1.0, -1.0).to(rows.dtype)
 
 
 def stochastic_binary_signs(rows: torch.Tensor, scale: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """BinaryConnect eq. 3, weights in units of ``scale``: ``+1`` with probability ``clip((W/a + 1)/2, 0, 1)``."""
+    """BinaryConnect's stochastic rule in units of ``scale``: ``+1`` with probability ``clip((W/a + 1)/2, 0, 1)``."""
     prob = ((rows / safe_scale(scale)[:, None] + 1.0) / 2.0).clamp(0.0, 1.0)
     draw = torch.rand(rows.shape, generator=generator, dtype=rows.dtype).to(rows.device)
     return torch.where(draw < prob, 1.0, -1.0).to(rows.dtype)

@@ -2,9 +2,9 @@
 
 Per quantization row (the paper and its released code ``fengfu-chris/caffe-twns`` use one per layer)::
 
-    Delta = 0.7 * mean |W|                                   (eq. 13: the approximate optimal threshold)
+    Delta = 0.7 * mean |W|                                   (the paper's approximate optimal threshold)
     T_i   = sign(W_i) if |W_i| > Delta else 0
-    a     = sum_{|W_i| > Delta} |W_i| / |{i : |W_i| > Delta}|   (eq. 11: the mean |W| of the kept weights)
+    a     = sum_{|W_i| > Delta} |W_i| / |{i : |W_i| > Delta}|   (the mean |W| of the kept weights)
     W    ~ a * T
 
 The released code computes ``Delta = 0.7 * asum(W) / count(W)`` (``Blob::set_delta``, ``TERNARY_DELTA = 7``) and
@@ -31,7 +31,7 @@ from quantplug_lowbit.ste import ternary_ste
 
 __all__ = ["TWN_THRESHOLD_FACTOR", "TernaryRounder", "TernaryRounding", "twn_codes", "twn_scale", "twn_threshold"]
 
-#: the paper's eq. 13 and the released code's ``TERNARY_DELTA = 7`` (tenths)
+#: the paper's threshold factor and the released code's ``TERNARY_DELTA = 7`` (tenths)
 TWN_THRESHOLD_FACTOR = 0.7
 
 
@@ -109,7 +109,7 @@ class TernaryRounding(Rounding):
 
     @dataclass(frozen=True)
     class Config:
-        threshold_factor: float = TWN_THRESHOLD_FACTOR  # Delta = factor * mean |W| (paper eq. 13: 0.7)
+        threshold_factor: float = TWN_THRESHOLD_FACTOR  # Delta = factor * mean |W| (paper: 0.7)
         learn_latent: bool = False  # train a latent weight through the threshold with the reconstruction loss
 
         def __post_init__(self) -> None:
