@@ -55,27 +55,27 @@ def atomic_directory(out_dir: str | os.PathLike[str]) -> Iterator[str]:
         raise
 
 
-def _unshared_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict on the CPU, with tensors that share memory (tied weights, such as a language model's
+def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` on the CPU, with tensors that share memory (tied weights, such as a language model's
     embedding and output projection) copied apart: safetensors refuses shared storage. Loading puts the same
     values back into every name, so tied parameters stay equal."""
-    state: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for name, value in model.state_dict().items():
+    out: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, value in state.items():
         tensor = value.detach()
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset()) if tensor.numel() else (0, id(tensor))
+        ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else 0
         tensor = tensor.contiguous().cpu()
-        if key in seen or tensor.untyped_storage().data_ptr() in {k[0] for k in seen if k[0]}:
+        if ptr and ptr in storages:
             tensor = tensor.clone()
-        seen.add(key)
-        state[name] = tensor
-    return state
+        storages.add(ptr)
+        out[name] = tensor
+    return out
 
 
 def save_run(model: nn.Module, manifest: dict[str, Any], out_dir: str) -> str:
     """Write ``out_dir`` atomically: everything goes to a temporary sibling directory, then a rename."""
     with atomic_directory(out_dir) as tmp:
-        state = _unshared_state(model)
+        state = unshared(model.state_dict())
         save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "quantplug", "version": str(FORMAT_VERSION)})
         manifest = {"format_version": FORMAT_VERSION, **manifest}
         with open(os.path.join(tmp, MANIFEST), "w") as f:

@@ -49,7 +49,7 @@ from torch import nn
 from quantplug import console
 from quantplug.config import Recipe
 from quantplug.errors import ArtifactError, ConfigError
-from quantplug.export import MANIFEST, atomic_directory, read_manifest
+from quantplug.export import MANIFEST, atomic_directory, read_manifest, unshared
 from quantplug.hookspecs import hookimpl
 from quantplug.interfaces import Exporter
 from quantplug.modules import QuantLayer, quant_layers
@@ -245,7 +245,8 @@ class IntExporter(Exporter):
             logger.warning("%s has no layer with quantized weights; the export holds float tensors only", run_dir)
         with atomic_directory(out_dir) as tmp:
             weights = os.path.join(tmp, PACKED_WEIGHTS)
-            save_file(state, weights, metadata={"format": "quantplug-packed", "version": str(PACKING_VERSION)})
+            save_file(unshared(state), weights,
+                      metadata={"format": "quantplug-packed", "version": str(PACKING_VERSION)})
             out_manifest = {
                 **{k: v for k, v in manifest.items() if k not in ("export", "packing")},
                 "export": {"format": self.name, "source": os.path.abspath(run_dir),
