@@ -105,8 +105,9 @@ class QuantLayer(nn.Module):
     def nearest_codes(self) -> torch.Tensor:
         if self.has_codebook:
             raise QuantplugError(
-                "this layer holds lookup-table (codebook) weights, which have no affine integer codes: "
-                "read weight_codebook / weight_indices instead (the `int` exporter packs them)"
+                "this layer holds lookup-table (codebook) weights (k-means, TTQ), which have no affine integer "
+                "codes: formats built on them (ONNX QDQ) cannot carry it; `quantplug export --format int` packs "
+                "the codebook and its indices"
             )
         q = self.weight_quantizer
         assert q is not None and self.weight_spec is not None
