@@ -137,6 +137,7 @@ def test_recipe_extends_nearest_and_base_swaps_the_ptq_method() -> None:
     session = Session()
     recipe = resolve_recipe(session, "qat")
     assert recipe.rounding.name == "nearest" and [p.name for p in recipe.passes] == ["qat"]
+    assert recipe.passes[0].options == {"epochs": 3}
     assert resolve_recipe(session, "qat", preset="distill").passes[0].options["distill"] == 1.0
     pytest.importorskip("quantplug_qdrop")
     on_qdrop = resolve_recipe(session, "qat", base="qdrop")

@@ -40,11 +40,8 @@ QAT = RecipeSpec(
     extends="nearest",
     description="PTQ (nearest, or --base qdrop / any recipe) then quantization-aware fine-tuning: STE weights, "
                 "LSQ steps",
-    overrides={"passes": qat_passes()},
-    presets={
-        "calib": {"passes": qat_passes(epochs=3)},
-        "distill": {"passes": qat_passes(epochs=3, distill=1.0)},
-    },
+    overrides={"passes": qat_passes(epochs=3)},
+    presets={"distill": {"passes": qat_passes(epochs=3, distill=1.0)}},
     source="Esser et al., 'Learned Step Size Quantization', ICLR 2020; Bengio et al., 2013 (straight-through "
            "estimator)",
 )
