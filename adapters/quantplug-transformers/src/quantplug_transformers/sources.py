@@ -78,8 +78,7 @@ def load_tokenizer(model_id: str) -> Any:
 def token_stream(tokenizer: Any, text: str) -> torch.Tensor:
     """All token ids of ``text`` (no special tokens), tokenized paragraph by paragraph (cached per process).
 
-    Paragraphs keep their blank lines, so a lossless tokenizer (byte-level BPE) decodes the stream back
-    to the text."""
+    A lossless tokenizer (byte-level BPE) decodes the stream back to the text."""
     key = (id(tokenizer), hash(text))
     if key not in _STREAMS:
         if len(_STREAMS) >= 4:  # a few texts per process (train and test of one or two tokenizers)
@@ -94,7 +93,9 @@ _STREAMS: dict[tuple[int, int], torch.Tensor] = {}
 def _tokenize(tokenizer: Any, text: str) -> torch.Tensor:
     import logging as std_logging
 
-    paragraphs = [p for p in re.split(r"(?<=\n\n)", text) if p]  # the blank lines stay with their paragraph
+    # split where a blank line starts: the whitespace run opens the next paragraph, as in the whole text's
+    # pre-tokenization, so the stream equals tokenizing the text in one piece (byte-level BPE)
+    paragraphs = [p for p in re.split(r"(?<!\n)(?=\n\n)", text) if p]
     if not text.strip():
         raise DataError("the text is empty")
     tf_logger = std_logging.getLogger("transformers.tokenization_utils_base")
