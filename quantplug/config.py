@@ -6,6 +6,7 @@ run records its fully resolved recipe in ``quantplug.json``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -255,7 +256,8 @@ def apply_overrides(recipe: Recipe, overrides: Mapping[str, Any]) -> Recipe:
     """
     data = recipe.to_dict()
     for path, value in overrides.items():
-        _set_path(data, path.split("."), value, path)
+        # a copy: a later override of a nested path must not change the caller's (e.g. a preset's) mapping
+        _set_path(data, path.split("."), copy.deepcopy(value), path)
     return Recipe.from_dict(data)
 
 

@@ -55,3 +55,12 @@ def test_resolution_walks_bases_presets_and_base_swap(session) -> None:  # type:
         resolve_recipe(session, "child", preset="slow")
     with pytest.raises(UnknownComponentError, match="pip install quantplug-qdorp"):
         resolve_recipe(session, "qdorp")
+
+
+def test_overrides_do_not_mutate_the_mappings_they_come_from() -> None:
+    """A preset's nested value must survive a later override of one of its fields (order of resolutions)."""
+    from quantplug.config import Recipe, apply_overrides
+
+    preset = {"weight": {"bits": 2, "symmetric": True, "granularity": {"kind": "per_channel", "axis": 0}}}
+    apply_overrides(Recipe(), {**preset, "weight.granularity": {"kind": "per_tensor"}})
+    assert preset["weight"]["granularity"] == {"kind": "per_channel", "axis": 0}
