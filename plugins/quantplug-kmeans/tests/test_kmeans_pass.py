@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import quantplug_kmeans
 import torch
-from quantplug_kmeans import KMeansPass, SharedWeights, cluster_layer
+from quantplug_kmeans import KMeansPass, SharedWeights, centroid_unit, cluster_layer
 from torch import nn
 
 from quantplug.api import apply
@@ -62,8 +62,44 @@ def test_shared_weights_forward_is_the_lookup_and_hardens_to_uint8() -> None:
         SharedWeights(layer, table, indices[:1])
 
 
+def test_centroid_unit_closed_forms() -> None:
+    w = torch.tensor([[-0.5, 0.1], [2.0, 0.3]])
+    assert float(centroid_unit(w, 4, "max")) == pytest.approx(2.0)  # max |W|
+    assert float(centroid_unit(w, 4, "spacing")) == pytest.approx(2.5 / 3)  # (max W - min W) / (k - 1)
+    assert float(centroid_unit(-w, 16, "spacing")) == pytest.approx(2.5 / 15)
+    assert float(centroid_unit(torch.zeros(3), 4, "spacing")) > 0  # a constant layer still has a positive unit
+    with pytest.raises(ConfigError, match="lr_unit must be one of spacing, max; got 'range'"):
+        centroid_unit(w, 4, "range")
+
+
+@pytest.mark.parametrize("lr_unit", ["max", "spacing"])
+def test_first_adam_step_moves_each_centroid_by_lr_times_the_unit(lr_unit: str) -> None:
+    lr, relative_moves = 1e-3, {}
+    for bits in (2, 4):
+        layer = _conv(bits)
+        shared, info = cluster_layer(layer, init="linear", max_iter=100, generator=None, lr_unit=lr_unit)
+        w = layer.weight.detach()
+        closed_form = w.abs().max() if lr_unit == "max" else (w.max() - w.min()) / (2**bits - 1)
+        assert info["centroid_unit"] == pytest.approx(float(closed_form), rel=1e-6)
+        before = shared.centroids().detach().clone()
+        optimizer = torch.optim.Adam([shared.normalized], lr=lr)
+        x = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+        nn.functional.conv2d(x, shared()).square().mean().backward()
+        has_grad = shared.normalized.grad.abs() > 0
+        optimizer.step()
+        moved = (shared.centroids().detach() - before).abs()[has_grad]
+        assert torch.allclose(moved, torch.full_like(moved, lr) * closed_form, rtol=1e-3)  # Adam: |step| = lr
+        spacing = float((w.max() - w.min()) / (2**bits - 1))  # distance between neighbouring linear-init centroids
+        relative_moves[bits] = float(moved.mean()) / spacing
+    if lr_unit == "spacing":  # the same fraction of the centroid spacing whatever the codebook size
+        assert relative_moves[2] == pytest.approx(relative_moves[4], rel=1e-3)
+    else:  # in max |W| units a step is (k - 1) / range * max|W| spacings: larger for bigger codebooks
+        assert relative_moves[4] > 3 * relative_moves[2]
+
+
 def test_bad_options() -> None:
-    for options, match in (({"init": "kmeans++"}, "init"), ({"epochs": -1}, "epochs"), ({"max_iter": 0}, "max_iter")):
+    for options, match in (({"init": "kmeans++"}, "init"), ({"epochs": -1}, "epochs"), ({"max_iter": 0}, "max_iter"),
+                           ({"lr_unit": "range"}, "kmeans lr_unit must be one of spacing, max")):
         with pytest.raises(ConfigError, match=match):
             KMeansPass.make_config(options)
 
@@ -115,6 +151,29 @@ def test_fine_tuning_moves_only_the_centroids_and_lowers_the_task_loss(runs: dic
         assert torch.equal(a[name].bias, b[name].bias) and torch.equal(a[name].weight, b[name].weight)
         moved |= not torch.equal(a[name].weight_codebook, b[name].weight_codebook)
     assert moved
+
+
+def test_the_pass_learns_centroids_in_the_configured_unit(runs: dict[int, tuple[Path, Any]], tmp_path: Path) -> None:
+    _, default = runs[4]
+    spacing = _run(tmp_path / "spacing", 4, **{"passes": [{"name": "kmeans", "options": {"epochs": 4,
+                                                                                        "lr_unit": "spacing"}}]})
+    k = 2 ** spacing.recipe.weight.bits
+    for name, layer in quant_layers(spacing.model):
+        w = layer.weight.detach()
+        assert default.passes["kmeans"]["layers"][name]["centroid_unit"] == pytest.approx(float(w.abs().max()))
+        assert spacing.passes["kmeans"]["layers"][name]["centroid_unit"] == pytest.approx(float(w.max() - w.min())
+                                                                                           / (k - 1))
+    # Adam moves a centroid by about lr per step in its unit: over the run's steps each layer's largest centroid
+    # move is between one step and all steps of lr * unit, whichever the unit (so ~7x less with "spacing" here)
+    _, plain = runs[0]
+    lr, steps = KMeansPass.Config().lr, spacing.passes["kmeans"]["steps"]
+    assert steps == default.passes["kmeans"]["steps"] == 8
+    for name, start in quant_layers(plain.model):
+        for run in (default, spacing):
+            tuned = dict(quant_layers(run.model))[name].weight_codebook
+            unit = run.passes["kmeans"]["layers"][name]["centroid_unit"]
+            largest_move = float((tuned - start.weight_codebook).abs().max()) / (lr * unit)
+            assert 1.0 <= largest_move <= 1.1 * steps, (name, largest_move)
 
 
 def test_save_load_and_int_export_reproduce_the_outputs(runs: dict[int, tuple[Path, Any]], tmp_path: Path) -> None:

@@ -12,15 +12,17 @@ from quantplug import hookimpl
 from quantplug.recipes import RecipeSpec
 from quantplug_kmeans.clustering import KMeansResult, assign, cluster_means, initial_centroids, kmeans_1d
 from quantplug_kmeans.passes import KMeansPass, cluster_layer
-from quantplug_kmeans.sharing import SharedWeights
+from quantplug_kmeans.sharing import LR_UNITS, SharedWeights, centroid_unit
 
 __all__ = [
     "KMEANS",
+    "LR_UNITS",
     "KMeansPass",
     "KMeansResult",
     "SharedWeights",
     "assign",
     "cluster_layer",
+    "centroid_unit",
     "cluster_means",
     "initial_centroids",
     "kmeans_1d",

@@ -25,23 +25,24 @@ from quantplug.finetune import finetune_task_loss
 from quantplug.interfaces import ModelPass, PassContext
 from quantplug.modules import QuantLayer, quant_layers
 from quantplug_kmeans.clustering import INITS, kmeans_1d
-from quantplug_kmeans.sharing import SharedWeights
+from quantplug_kmeans.sharing import LR_UNITS, SharedWeights
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["KMeansPass", "cluster_layer"]
 
 
-def cluster_layer(layer: QuantLayer, *, init: str, max_iter: int, generator: torch.Generator | None
-                  ) -> tuple[SharedWeights, dict[str, Any]]:
-    """k-means of the layer's full-precision weights into ``2^bits`` centroids; the shared-weight state."""
+def cluster_layer(layer: QuantLayer, *, init: str, max_iter: int, generator: torch.Generator | None,
+                  lr_unit: str = "max") -> tuple[SharedWeights, dict[str, Any]]:
+    """k-means of the layer's full-precision weights into ``2^bits`` centroids; the shared-weight state (centroids
+    learned in units of ``lr_unit``, see ``centroid_unit``) and a summary of the clustering."""
     assert layer.weight_spec is not None
     k = 2**layer.weight_spec.bits
     result = kmeans_1d(layer.weight.detach(), k, init=init, max_iter=max_iter, generator=generator)
-    shared = SharedWeights(layer, result.centroids, result.indices)
+    shared = SharedWeights(layer, result.centroids, result.indices, lr_unit)
     used = int(torch.unique(result.indices).numel())
     return shared, {"bits": layer.weight_spec.bits, "clusters_used": used, "iterations": result.iterations,
-                    "converged": result.converged}
+                    "converged": result.converged, "centroid_unit": float(shared.unit)}
 
 
 class KMeansPass(ModelPass):
@@ -55,11 +56,17 @@ class KMeansPass(ModelPass):
         init: str = "linear"  # centroid initialization: linear (the paper's best), density, random (Forgy)
         max_iter: int = 300  # Lloyd iterations per layer (stops earlier when no assignment changes)
         epochs: int = 4  # centroid fine-tuning passes over the calibration batches (0: k-means only)
-        lr: float = 1e-3  # Adam learning rate of the centroids (units of the layer's max |W|)
+        lr: float = 1e-3  # Adam learning rate of the centroids, in units of ``lr_unit``
+        #: "max": the layer's max |W| (the default, with which the README results were measured);
+        #: "spacing": (max W - min W) / (k - 1) of the layer, the same fraction of the distance between
+        #: neighbouring centroids for every codebook size (an option, not validated as a default)
+        lr_unit: str = "max"
 
         def __post_init__(self) -> None:
             if self.init not in INITS:
                 raise ConfigError(f"kmeans init must be one of {', '.join(INITS)}; got {self.init!r}")
+            if self.lr_unit not in LR_UNITS:
+                raise ConfigError(f"kmeans lr_unit must be one of {', '.join(LR_UNITS)}; got {self.lr_unit!r}")
             if self.max_iter < 1 or self.epochs < 0 or self.lr < 0:
                 raise ConfigError("kmeans needs max_iter >= 1, epochs >= 0 and lr >= 0")
 
@@ -73,7 +80,8 @@ class KMeansPass(ModelPass):
         per_layer: dict[str, dict[str, Any]] = {}
         for name, layer in layers:
             shared[name], per_layer[name] = cluster_layer(layer, init=self.config.init,
-                                                          max_iter=self.config.max_iter, generator=generator)
+                                                          max_iter=self.config.max_iter, generator=generator,
+                                                          lr_unit=self.config.lr_unit)
             layer.rounder = shared[name]
             layer.invalidate_cache()
         params = [s.normalized for s in shared.values()]
