@@ -19,6 +19,7 @@ from quantplug.builtins.exporters import (
     load_packed,
     pack_codes,
     packed_nbytes,
+    split_aliases,
     unpack_codes,
 )
 from quantplug.cli import main
@@ -229,6 +230,72 @@ def test_inconsistent_packed_tensors_are_reported(runs, tmp_path) -> None:  # ty
     (out / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(ArtifactError, match="incomplete"):
         load_packed(out, session=session)
+
+
+def test_manifest_naming_a_missing_file_or_wrong_bits_is_reported(runs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    session = _session()
+    out = _export(runs, tmp_path)
+    good = json.loads((out / MANIFEST).read_text())
+
+    manifest = json.loads(json.dumps(good))
+    manifest["packing"]["file"] = "model.other.safetensors"  # points at a file the directory does not have
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="has no model.other.safetensors; the export directory is incomplete"):
+        load_packed(out, session=session)
+
+    manifest = json.loads(json.dumps(good))
+    entry = manifest["packing"]["layers"]["layer1.0.conv1"]
+    assert entry["bits"] == 4
+    entry["bits"] = 3  # the packed bytes no longer match the width
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="packed codes of 'layer1.0.conv1' are corrupt"):
+        load_packed(out, session=session)
+    entry["bits"] = 9
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="packed codes of 'layer1.0.conv1' are corrupt.*1 to 8 bits"):
+        load_packed(out, session=session)
+
+    manifest = json.loads(json.dumps(good))
+    bits = next(b for b in manifest["bit_map"] if b["name"] == "layer1.0.conv1")
+    bits["weight_bits"] = 3  # the codes are 4-bit, the model rebuilt from the manifest would be 3-bit
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="'layer1.0.conv1' is packed at 4 bits .* give it 3-bit weights"):
+        load_packed(out, session=session)
+
+
+def test_packed_reload_uses_the_runs_bit_map(runs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # a bit-allocation pass records per-layer widths the recipe alone would not give: the bit map wins
+    out = _export(runs, tmp_path)
+    _, model = runs[("testing:tiny-resnet", 4, 8, "per_channel")]
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["recipe"]["weight"]["bits"] = 3
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    x = _inputs("testing:tiny-resnet")
+    with torch.no_grad():
+        assert torch.equal(load_packed(out, session=_session())(x), model(x))
+
+
+def test_tied_tensors_are_stored_once_and_restored_under_every_name() -> None:
+    shared = torch.arange(6.0).reshape(2, 3)
+    state = {"embed.weight": shared, "head.weight": shared, "head.bias": torch.zeros(2),
+             "other": shared.clone(), "row": shared[0], "empty": torch.empty(0), "empty2": torch.empty(0)}
+    kept, aliases = split_aliases(state)
+    assert aliases == {"head.weight": "embed.weight"}  # a copy or a different view of the memory is kept apart
+    assert set(kept) == set(state) - {"head.weight"}
+
+
+def test_alias_of_a_missing_tensor_is_reported(runs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = _export(runs, tmp_path)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["packing"]["aliases"] == {} and manifest["packing"]["version"] == 1
+    manifest["packing"]["aliases"] = {"fc.weight": "nowhere.weight"}
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="lacks 'nowhere.weight' .*tied 'fc.weight'.* incomplete"):
+        load_packed(out, session=_session())
+    manifest["packing"]["aliases"] = ["fc.weight"]
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="packing.aliases is not a mapping"):
+        load_packed(out, session=_session())
 
 
 def test_failed_export_leaves_nothing_and_keeps_the_old_export(runs, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

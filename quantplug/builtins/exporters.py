@@ -19,8 +19,14 @@ eight codes in three bytes. The last byte is zero-padded. Any width from 1 to 8 
 
 Lookup-table layers (``QuantLayer.set_codebook``: k-means weight sharing, TTQ) are packed the same way: their
 indices (``0 .. K-1``, ``qmin`` 0) at ``ceil(log2 K)`` bits into ``<layer>.weight_packed``, their codebook kept as
-``<layer>.weight_codebook`` (fp32, K entries); the manifest entry says ``"kind": "codebook"``. An export with such
-layers has packing version 2 (older quantplug versions refuse it instead of misreading it); without, version 1.
+``<layer>.weight_codebook`` (fp32, K entries); the manifest entry says ``"kind": "codebook"``.
+
+Tied tensors (views of the same memory, such as a language model's embedding and its output projection) are
+stored once: ``packing.aliases`` maps each further name to the stored one, and loading puts the stored tensor
+back under every name.
+
+The packing version is the lowest that describes the export, so older quantplug versions refuse what they
+would misread: 1 (affine codes only), 2 (lookup-table layers), 3 (tied tensors stored once).
 
 ``load_packed(dir)`` unpacks the codes, rebuilds the model through its adapter exactly as
 ``quantplug.export.load`` does, and loads the state: the forward pass uses the same integer codes, scales
@@ -57,7 +63,7 @@ from quantplug.modules import QuantLayer, quant_layers
 logger = logging.getLogger(__name__)
 
 PACKED_WEIGHTS = "model.packed.safetensors"
-PACKING_VERSION = 2  # 2: lookup-table (codebook) layers; exports without them are still written as version 1
+PACKING_VERSION = 3  # 2: lookup-table (codebook) layers; 3: tied tensors stored once (``packing.aliases``)
 PACKING_LAYOUT = "lsb-first-bitstream"
 _CHUNK = 1 << 20  # codes per packing step (a multiple of 8, so every chunk starts on a byte boundary)
 
@@ -178,6 +184,36 @@ def _pack_codebook_layer(layer: QuantLayer, prefix: str, state: dict[str, torch.
     }
 
 
+def split_aliases(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Store tied tensors once: ``(state without the aliases, alias name -> stored name)``.
+
+    Two names alias when their tensors are the same view of the same memory (storage, offset, shape, strides,
+    dtype), as ``tie_weights`` leaves a language model's embedding and output projection.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first: dict[tuple[Any, ...], str] = {}
+    for name, tensor in state.items():
+        if not tensor.numel():
+            kept[name] = tensor
+            continue
+        view = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                tuple(tensor.stride()), tensor.dtype)
+        if view in first:
+            aliases[name] = first[view]
+        else:
+            first[view] = name
+            kept[name] = tensor
+    return kept, aliases
+
+
+def packing_version(layers: dict[str, dict[str, Any]], aliases: dict[str, str]) -> int:
+    """The lowest packing version that describes an export (see the module docstring)."""
+    if aliases:
+        return 3
+    return 2 if any(v.get("kind") == "codebook" for v in layers.values()) else 1
+
+
 def _layer_codes(layer: QuantLayer, name: str) -> torch.Tensor:
     if layer.weight_codes is not None:
         return layer.weight_codes
@@ -243,16 +279,17 @@ class IntExporter(Exporter):
             }
         if not layers:
             logger.warning("%s has no layer with quantized weights; the export holds float tensors only", run_dir)
+        state, aliases = split_aliases(state)
+        version = packing_version(layers, aliases)
         with atomic_directory(out_dir) as tmp:
             weights = os.path.join(tmp, PACKED_WEIGHTS)
-            save_file(unshared(state), weights,
-                      metadata={"format": "quantplug-packed", "version": str(PACKING_VERSION)})
+            save_file(unshared(state), weights, metadata={"format": "quantplug-packed", "version": str(version)})
             out_manifest = {
                 **{k: v for k, v in manifest.items() if k not in ("export", "packing")},
                 "export": {"format": self.name, "source": os.path.abspath(run_dir),
                            "source_export": manifest.get("export")},
                 "packing": {
-                    "version": PACKING_VERSION if any(v.get("kind") == "codebook" for v in layers.values()) else 1,
+                    "version": version,
                     "layout": PACKING_LAYOUT,
                     "layout_doc": "code - qmin in `bits` bits, row-major over the weight; value i at stream bits "
                                   "[i*bits, (i+1)*bits); stream bit k = bit (k % 8) of byte k // 8",
@@ -260,6 +297,7 @@ class IntExporter(Exporter):
                     "sha256": sha256_file(weights),
                     "bytes": os.path.getsize(weights),
                     "layers": layers,
+                    "aliases": aliases,
                 },
             }
             write_manifest(tmp, out_manifest)
@@ -316,6 +354,14 @@ def read_packed_state(export_dir: str, manifest: dict[str, Any]) -> dict[str, to
         prefix = f"{name}." if name else ""
         target = "weight_indices" if info.get("kind") == "codebook" else "weight_codes"
         state[prefix + target] = codes.reshape(shape)
+    aliases = packing.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise ArtifactError(f"{export_dir}/{MANIFEST}: packing.aliases is not a mapping; the manifest is corrupt")
+    for alias, stored in aliases.items():
+        if stored not in state:
+            raise ArtifactError(f"{path} lacks {stored!r} (stored once for the tied {alias!r}); "
+                                "the export is incomplete")
+        state[alias] = state[stored]
     return state
 
 
@@ -324,6 +370,7 @@ def load_packed(export_dir: str | os.PathLike[str], *, device: str | torch.devic
     """Rebuild the quantized model of a packed-integer export directory (outputs identical to the run's)."""
     from quantplug.api import build_quant_model
     from quantplug.plugins import Session
+    from quantplug.prepare import LayerBits
 
     export_dir = os.fspath(export_dir)
     manifest = read_manifest(export_dir)
@@ -332,7 +379,10 @@ def load_packed(export_dir: str | os.PathLike[str], *, device: str | torch.devic
     recipe = Recipe.from_dict(manifest["recipe"])
     adapter = session.adapter_for(manifest["model_id"])
     device = torch.device(device)
-    _, model = build_quant_model(adapter, manifest["model_id"], recipe, device, manifest.get("model_options"))
+    # the run's per-layer bits (a bit-allocation pass may have set them), as quantplug.export.load does
+    bit_map = [LayerBits(**b) for b in manifest["bit_map"]] if manifest.get("bit_map") else None
+    _, model = build_quant_model(adapter, manifest["model_id"], recipe, device, manifest.get("model_options"),
+                                 bit_map=bit_map)
     packed_layers = list(manifest["packing"]["layers"])
     modules = dict(model.named_modules())
     for name in packed_layers:
@@ -340,6 +390,14 @@ def load_packed(export_dir: str | os.PathLike[str], *, device: str | torch.devic
         if not isinstance(layer, QuantLayer) or layer.weight_spec is None:
             raise ArtifactError(f"{export_dir}: packed layer {name!r} is not a quantized layer of "
                                 f"{manifest['model_id']!r}; the export does not match the model")
+        entry = manifest["packing"]["layers"][name]
+        if entry.get("kind") != "codebook" and (int(entry["bits"]), int(entry["qmin"])) != (
+                layer.weight_spec.bits, layer.weight_spec.qmin):
+            raise ArtifactError(
+                f"{export_dir}: layer {name!r} is packed at {entry['bits']} bits from {entry['qmin']}, but the "
+                f"run's recipe and bit map give it {layer.weight_spec.bits}-bit weights from "
+                f"{layer.weight_spec.qmin}; the manifest is corrupt or edited: re-run `quantplug export --format int`"
+            )
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
