@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from quantplug_onnx._export import OnnxExportError, run_onnxruntime  # noqa: E40
 from quantplug.api import apply  # noqa: E402
 from quantplug.builtins import exporters  # noqa: E402
 from quantplug.cli import main  # noqa: E402
-from quantplug.errors import ConfigError  # noqa: E402
+from quantplug.errors import ArtifactError, ConfigError  # noqa: E402
 from quantplug.plugins import Session  # noqa: E402
 from quantplug.testing.data import synthetic_images, synthetic_tokens  # noqa: E402
 
@@ -179,3 +180,68 @@ def test_unknown_format_lists_onnx(runs, capsys, monkeypatch) -> None:  # type: 
     code = main(["export", str(run_dir), "--format", "onxx"])
     err = capsys.readouterr().err
     assert code == 2 and "Registered: int, onnx" in err and "Did you mean 'onnx'" in err
+
+
+# --------------------------------------------------------------------------- loading an export directory
+@pytest.fixture(scope="module")
+def exported(runs, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    """One ONNX export (3-bit weights as UINT4, 8-bit first / last layer), copied by the tests that edit it."""
+    run_dir, model = runs["decoder-w3a4"]
+    out = tmp_path_factory.mktemp("exported") / "onnx"
+    info = _exporter(verify=False).export(model, run_dir, out, session=_session())
+    assert info["file"] == "model.onnx" and len(info["sha256"]) == 64
+    return out
+
+
+def test_load_session_runs_an_intact_export(exported, runs) -> None:  # type: ignore[no-untyped-def]
+    x = _inputs("testing:tiny-decoder", 16)
+    session = quantplug_onnx.load_session(exported)
+    logits = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert np.array_equal(logits, run_onnxruntime(str(exported / "model.onnx"), (x,), exact=True))
+    with torch.no_grad():
+        assert np.abs(logits - runs["decoder-w3a4"][1](x).numpy()).max() < 0.25
+
+
+def test_corrupt_or_partial_onnx_exports_give_clear_errors(exported, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "onnx"
+    shutil.copytree(exported, out)
+    graph, manifest_path = out / "model.onnx", out / "quantplug.json"
+    good_graph, good_manifest = graph.read_bytes(), json.loads(manifest_path.read_text())
+
+    def rewrite(change) -> None:  # type: ignore[no-untyped-def]
+        manifest = json.loads(json.dumps(good_manifest))
+        change(manifest["export"])
+        manifest_path.write_text(json.dumps(manifest))
+
+    with pytest.raises(ArtifactError, match="not a directory"):
+        quantplug_onnx.load_session(tmp_path / "missing")
+    graph.write_bytes(good_graph[: len(good_graph) // 2])  # truncated
+    with pytest.raises(ArtifactError, match=r"model.onnx is corrupt \(its SHA-256 does not match"):
+        quantplug_onnx.load_session(out)
+    rewrite(lambda e: e.pop("sha256"))  # a hand-edited manifest without the checksum: the parser catches it
+    with pytest.raises(ArtifactError, match="model.onnx is corrupt|holds no graph|onnxruntime cannot load"):
+        quantplug_onnx.load_session(out)
+    graph.unlink()
+    with pytest.raises(ArtifactError, match="has no model.onnx; the export directory is incomplete"):
+        quantplug_onnx.load_session(out)
+
+    graph.write_bytes(good_graph)
+    rewrite(lambda e: e.update(file="model.v2.onnx"))  # names a file the directory does not have
+    with pytest.raises(ArtifactError, match="has no model.v2.onnx; the export directory is incomplete"):
+        quantplug_onnx.load_session(out)
+    layer = next(name for name, kind in good_manifest["export"]["weight_types"].items() if kind == "UINT4")
+    rewrite(lambda e: e["weight_types"].update({layer: "UINT8"}))  # wrong bits: 3-bit codes stored as UINT4
+    with pytest.raises(ArtifactError, match=f"disagree on the weight codes of 1 layer.*'{layer}': manifest UINT8, "
+                                            "graph UINT4"):
+        quantplug_onnx.load_session(out)
+    rewrite(lambda e: e.update(format="int"))
+    with pytest.raises(ArtifactError, match="not an ONNX export"):
+        quantplug_onnx.load_session(out)
+    manifest_path.write_text("{not json")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        quantplug_onnx.load_session(out)
+    manifest_path.unlink()
+    with pytest.raises(ArtifactError, match="no quantplug.json"):
+        quantplug_onnx.load_session(out)
+    manifest_path.write_text(json.dumps(good_manifest))
+    assert quantplug_onnx.load_session(out) is not None  # restored: loads again

@@ -22,7 +22,9 @@ last pass with the ``onnx`` package narrows the codes of 2-4 bit layers to ``INT
 initializers. The result is checked with ``onnx.checker`` and, by default, run with onnxruntime on a batch
 of the run's data and compared with the PyTorch fake-quant model (``max_abs_diff`` in the manifest).
 
-Heavy imports (onnx, onnxruntime, onnxscript, the torch exporter) happen only when exporting.
+``load_session(DIR)`` opens an export in onnxruntime after checking that the directory is complete and intact.
+
+Heavy imports (onnx, onnxruntime, onnxscript, the torch exporter) happen only when exporting or loading.
 """
 
 from __future__ import annotations
@@ -88,9 +90,18 @@ class OnnxExporter(Exporter):
                            example_inputs=example_inputs)
 
 
+def load_session(export_dir: str | os.PathLike[str], *, exact: bool = True) -> Any:
+    """An onnxruntime session of an ONNX export directory; a clear ``ArtifactError`` when the directory is
+    incomplete or corrupt (missing or unreadable manifest, missing graph, SHA-256 mismatch, weight types that
+    disagree with the manifest). See ``quantplug_onnx._load``."""
+    from quantplug_onnx._load import load_session as _load_session
+
+    return _load_session(export_dir, exact=exact)
+
+
 @hookimpl
 def register_exporters(register) -> None:  # type: ignore[no-untyped-def]
     register(OnnxExporter)
 
 
-__all__ = ["INT4_OPSET", "MIN_OPSET", "ONNX_FILE", "OnnxExporter", "__version__"]
+__all__ = ["INT4_OPSET", "MIN_OPSET", "ONNX_FILE", "OnnxExporter", "__version__", "load_session"]

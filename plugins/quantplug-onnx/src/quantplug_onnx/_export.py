@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantplug.builtins.exporters import atomic_directory, check_out_dir, directory_bytes, write_manifest
+from quantplug.builtins.exporters import (
+    atomic_directory,
+    check_out_dir,
+    directory_bytes,
+    sha256_file,
+    write_manifest,
+)
 from quantplug.config import PerChannel, PerGroup, PerTensor, QuantSpec
 from quantplug.errors import ConfigError, QuantplugError
 from quantplug.export import read_manifest
@@ -263,7 +269,7 @@ def export_model(model: nn.Module, config: Any) -> tuple[nn.Module, dict[str, We
                 )
             signed = spec.qmin < 0
             kind = ("INT" if signed else "UINT") + ("4" if low else "8")
-            weights[name] = WeightInfo(name, spec.bits, signed, g.kind, kind, f"model.{name}.weight_dq.codes")
+            weights[name] = WeightInfo(name, spec.bits, signed, g.kind, kind, codes_key(name))
         set_submodule(clone, name, ExportLayer(layer, name))
     return clone, weights
 
@@ -328,6 +334,17 @@ def count_ops(model_proto: Any) -> dict[str, int]:
 
 def initializer_types(model_proto: Any, weights: Mapping[str, WeightInfo]) -> dict[str, str]:
     """Layer -> ONNX element type of the code initializer feeding its DequantizeLinear."""
+    return codes_types(model_proto, {w.layer: w.codes_key for w in weights.values()})
+
+
+def codes_key(layer: str) -> str:
+    """Name of the initializer holding ``layer``'s weight codes (before the INT4 pass adds a suffix)."""
+    return f"model.{layer}.weight_dq.codes"
+
+
+def codes_types(model_proto: Any, keys: Mapping[str, str]) -> dict[str, str]:
+    """Layer -> ONNX element type of the initializer named ``keys[layer]`` (or ``<key>.<suffix>``) that feeds
+    a DequantizeLinear."""
     from onnx import TensorProto
 
     inits = {t.name: t for t in model_proto.graph.initializer}
@@ -335,9 +352,9 @@ def initializer_types(model_proto: Any, weights: Mapping[str, WeightInfo]) -> di
     for node in model_proto.graph.node:
         if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
             continue
-        for w in weights.values():
-            if node.input[0] == w.codes_key or node.input[0].startswith(w.codes_key + "."):
-                out[w.layer] = TensorProto.DataType.Name(inits[node.input[0]].data_type)
+        for layer, key in keys.items():
+            if node.input[0] == key or node.input[0].startswith(key + "."):
+                out[layer] = TensorProto.DataType.Name(inits[node.input[0]].data_type)
     return out
 
 
@@ -374,8 +391,8 @@ EXACT_ORT_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "0"}
 EXACT_ORT_DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
 
 
-def run_onnxruntime(path: str, args: tuple[torch.Tensor, ...], exact: bool = True) -> np.ndarray:
-    """Run ``path`` with onnxruntime on CPU (one thread) and return the first output.
+def ort_session(path: str, exact: bool = True) -> Any:
+    """An onnxruntime CPU session (one thread) of ``path``.
 
     ``exact``: use ``EXACT_ORT_CONFIG`` / ``EXACT_ORT_DISABLED_OPTIMIZERS`` (else onnxruntime's defaults).
     """
@@ -389,7 +406,12 @@ def run_onnxruntime(path: str, args: tuple[torch.Tensor, ...], exact: bool = Tru
         for key, value in EXACT_ORT_CONFIG.items():
             options.add_session_config_entry(key, value)
         disabled = list(EXACT_ORT_DISABLED_OPTIMIZERS)
-    sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+
+
+def run_onnxruntime(path: str, args: tuple[torch.Tensor, ...], exact: bool = True) -> np.ndarray:
+    """Run ``path`` with onnxruntime on CPU (one thread, see ``ort_session``) and return the first output."""
+    sess = ort_session(path, exact)
     feeds = {i.name: a.detach().cpu().numpy() for i, a in zip(sess.get_inputs(), args)}
     return sess.run(None, feeds)[0]
 
@@ -478,6 +500,10 @@ def export_onnx(config: Any, model: nn.Module | None, run_dir: str, out_dir: str
         path = os.path.join(tmp, ONNX_FILE)
         large = proto.ByteSize() > 1_800_000_000
         onnx.save_model(proto, path, save_as_external_data=large, location=ONNX_FILE + ".data" if large else None)
+        info["file"] = ONNX_FILE
+        info["sha256"] = sha256_file(path)
+        if large:
+            info["external_data"] = {"file": ONNX_FILE + ".data", "sha256": sha256_file(path + ".data")}
         try:
             onnx.checker.check_model(path, full_check=True)  # by path: works with external data too
         except onnx.checker.ValidationError as exc:
