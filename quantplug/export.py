@@ -125,8 +125,9 @@ def load(run_dir: str, *, device: str | torch.device = "cpu", session: Any = Non
 
         return load_packed(run_dir, device=device, session=session)
     if fmt is not None:
-        raise ArtifactError(f"{run_dir} is a {fmt!r} export, not a PyTorch run: load it with its runtime "
-                            "(e.g. onnxruntime for onnx), or load the run it came from")
+        raise ArtifactError(f"{run_dir} is a {fmt!r} export, not a PyTorch run: load it with its runtime (for "
+                            "onnx: quantplug_onnx.load_session(dir), an onnxruntime session), or load the run it "
+                            "came from")
     session = session or Session()
     recipe = Recipe.from_dict(manifest["recipe"])
     adapter = session.adapter_for(manifest["model_id"])
