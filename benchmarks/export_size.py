@@ -271,6 +271,10 @@ def render(rows: list[Row], args: argparse.Namespace, command: str, context: Map
         "its input to int8 blocks and whose bias quantization rounds float biases to int32. *argmax agreement* "
         "is the share of samples (tokens for a decoder) whose largest logit is the same in onnxruntime "
         "(exact settings) and PyTorch.",
+        "* Where PyTorch's own batch / one-by-one difference is 0 (the decoder: its row-wise matrix products do "
+        "not depend on the batch), it gives no scale for the onnxruntime difference; that difference may also "
+        "come from onnxruntime's float kernels (layer norm, softmax) and was not broken down further. The "
+        "argmax agreement shows what it does to predictions.",
         "* ONNX stores 2-4 bit weights as INT4 / UINT4 (two per byte), so 2- and 3-bit layers take as much room "
         "as 4-bit ones there; the packed format stores every width densely.",
     ]
