@@ -52,10 +52,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = apply(spec["recipe"], spec["model"], overrides=spec["overrides"], eval_samples=spec["eval_samples"],
                    evaluate_fp=spec["evaluate_fp"])
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     return {
         "fp": result.fp_metrics,
         "quant": result.quant_metrics,
         "seconds": time.perf_counter() - t0,
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "units": len(result.records),
     }
@@ -114,6 +116,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(RESULTS / "transformers_flexround.md"))
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the runs recorded in --out's JSON with the same configuration (delete the JSON "
+                             "when a model's weights change)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -124,6 +129,13 @@ def main() -> None:
     load_start = os.getloadavg()
     rows: list[dict[str, Any]] = []
     fp: dict[str, dict[str, float]] = {}
+    done: dict[str, dict[str, Any]] = {}
+    previous = Path(args.out).with_suffix(".json")
+    if args.resume and previous.is_file():
+        recorded = json.loads(previous.read_text())
+        done = {json.dumps(r["spec"], sort_keys=True): r for r in recorded.get("rows", [])
+                if "spec" in r and "error" not in r}
+        fp = {m: v for m, v in recorded.get("fp", {}).items() if m in args.models}
     for setting in args.settings:  # setting-major: an interrupted run still covers every model at the first settings
         for model in args.models:
             for method in args.methods:
@@ -131,12 +143,15 @@ def main() -> None:
                     continue  # input mixing acts on quantized activations only
                 recipe, overrides = run_overrides(method, setting, args, encoder=is_encoder(model))
                 spec = {"recipe": recipe, "model": model, "overrides": overrides, "threads": args.threads,
-                        "eval_samples": args.encoder_eval_samples if is_encoder(model) else args.eval_samples,
-                        "evaluate_fp": model not in fp}
-                out = run_worker(spec)
+                        "eval_samples": args.encoder_eval_samples if is_encoder(model) else args.eval_samples}
+                key = json.dumps(spec, sort_keys=True)
+                if key in done:
+                    out = {k: v for k, v in done[key].items() if k not in ("model", "setting", "method", "spec")}
+                else:
+                    out = run_worker({**spec, "evaluate_fp": model not in fp})
                 if out.get("fp"):
                     fp[model] = out["fp"]
-                rows.append({"model": model, "setting": setting, "method": method, **out})
+                rows.append({"model": model, "setting": setting, "method": method, "spec": spec, **out})
                 value = out.get("quant", {}).get(metric_of(model), out.get("error"))
                 print(f"{model} {setting} {method}: {value}", flush=True)
                 write_table(rows, fp, args, command, load_start, quiet=True)
@@ -168,19 +183,24 @@ def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], arg
         "(higher is better). AdaRound reconstructs layer by layer, FlexRound block by block; "
         "`flexround+qdrop` adds QDrop's input mixing (p = 0.5), which acts only when activations are quantized.",
         "",
-        "| model | FP | setting | method | quantized | wall s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        "*CPU s* is the run's own processor time (user + system), which machine load does not inflate; *wall s* "
+        "includes waiting for a core.",
+        "",
+        "| model | FP | setting | method | quantized | CPU s | wall s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         key = metric_of(r["model"])
         fp_value = fp.get(r["model"], {}).get(key)
         fp_text = f"{fp_value:.4f}" if fp_value is not None else "n/a"
         if "error" in r:
-            value, secs, rss = f"error: {r['error'][:80]}", "n/a", "n/a"
+            value, cpu, secs, rss = f"error: {r['error'][:80]}", "n/a", "n/a", "n/a"
         else:
             value = f"{r['quant'][key]:.4f}"
+            cpu = f"{r['cpu_seconds']:.0f}" if "cpu_seconds" in r else "n/a"
             secs, rss = f"{r['seconds']:.0f}", f"{r['peak_rss_mib']:.0f}"
-        lines.append(f"| {r['model']} | {fp_text} | {r['setting']} | {r['method']} | {value} | {secs} | {rss} |")
+        lines.append(f"| {r['model']} | {fp_text} | {r['setting']} | {r['method']} | {value} | {cpu} | {secs} "
+                     f"| {rss} |")
     text = "\n".join(lines) + "\n"
     if not quiet:
         print(text)
@@ -189,7 +209,9 @@ def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], arg
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, out)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "fp": fp}, indent=2))
+    tmp_json = out.with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps({"command": command, "rows": rows, "fp": fp}, indent=2))
+    os.replace(tmp_json, out.with_suffix(".json"))
 
 
 if __name__ == "__main__":

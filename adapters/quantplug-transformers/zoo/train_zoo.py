@@ -6,7 +6,8 @@
 Data: the embedded Austen text (``quantplug_transformers.corpus``); five novels train, *Persuasion* is
 held out. Tokenizer: a byte-level BPE (``tokenizers``) trained on the five training novels (the same
 seedless, deterministic result for both models). Windows of 128 tokens drawn at random offsets with the
-seed; AdamW, linear warm-up then cosine decay over the step budget estimated from the wall-time cap;
+seed; AdamW, linear warm-up then cosine decay over ``--steps`` (or the step budget estimated from the wall-time
+cap);
 held-out perplexity (non-overlapping 128-token windows of *Persuasion*) every ``--eval-every`` steps,
 early stop after ``--patience`` evaluations without improvement, best weights kept.
 
@@ -100,6 +101,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--minutes", type=float, default=28.0, help="wall-time cap, evaluations included")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="fixed step budget of the cosine schedule (default: the steps that fit --minutes, "
+                         "re-estimated as training goes)")
     ap.add_argument("--eval-every", type=int, default=300)
     ap.add_argument("--patience", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -128,14 +132,15 @@ def main() -> None:
                             lr=args.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(args.seed)
     budget = args.minutes * 60.0
-    total_steps = 10_000_000  # replaced after timing the first steps
+    total_steps = args.steps or 10_000_000  # without --steps: replaced after timing the first steps
     best, best_state, best_step, bad, history = math.inf, None, 0, 0, []
     step, tokens = 0, 0
     train_start = time.perf_counter()
     stop_reason = "time cap"
     while True:
-        if step >= 50 and step % 50 == 0:  # the step budget that fits the wall-time cap, re-estimated as the
-            # machine's load changes (evaluations take ~12 % of the time)
+        if args.steps is None and step >= 50 and step % 50 == 0:
+            # the step budget that fits the wall-time cap, re-estimated as the machine's load changes
+            # (evaluations take ~12 % of the time)
             per_step = (time.perf_counter() - train_start) / step
             left = int(0.88 * (budget - (time.perf_counter() - t0)) / per_step)
             total_steps = max(args.warmup * 2, step + max(left, 0))
