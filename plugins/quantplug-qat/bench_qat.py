@@ -4,7 +4,9 @@ For every model, bit width and PTQ base: run the base recipe through ``quantplug
 test set), then run the ``qat`` pass on that quantized model exactly as ``quantplug apply --plugin qat --base
 BASE`` does after PTQ (same recipe, seed and data) and evaluate again. Doing both in one process measures the
 PTQ and the QAT accuracy of the same run. The table is rewritten after every row, with the 1-minute load
-average before and after it (``os.getloadavg``, what ``uptime`` prints).
+average before and after it (``os.getloadavg``, what ``uptime`` prints), and the rows are also written as JSON
+next to it (``results.json`` for ``results.md``). ``--ptq-override KEY=VALUE`` shortens the PTQ schedule (e.g.
+``recon.iters=500``); the overrides are recorded in the table header.
 
     OMP_NUM_THREADS=1 python plugins/quantplug-qat/bench_qat.py --out plugins/quantplug-qat/results.md
 """
@@ -16,7 +18,11 @@ import json
 import logging
 import os
 import platform
+import shlex
+import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 from quantplug_qat import QATPass
@@ -29,6 +35,19 @@ from quantplug.plugins import Session
 
 DATA = {"zoo:resnet18-fmnist": "fmnist", "zoo:mobilenetv2-fmnist": "fmnist:48"}
 PRESETS = {"qdrop": "cpu-fast"}
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with the value parsed as JSON when it is JSON (``recon.iters=500``), else kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 HEADER = ("| model | W/A | PTQ base | FP top-1 | PTQ top-1 | + QAT top-1 | recovered | PTQ s | QAT s | "
           "load before / after |\n|---|---|---|---|---|---|---|---|---|---|\n")
 
@@ -41,12 +60,16 @@ def main() -> None:
     parser.add_argument("--qat", default='{"epochs": 2, "num_samples": 8192}',
                         help="qat pass options as JSON (data defaults to the model's data)")
     parser.add_argument("--eval-samples", type=int, default=None, help="default: the full 10 000-image test set")
+    parser.add_argument("--ptq-override", type=parse_override, action="append", default=[],
+                        help="KEY=VALUE recipe override of the PTQ base (repeatable), e.g. recon.iters=500")
     parser.add_argument("--out", default="results.md")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     session = Session()
     device = torch.device("cpu")
     rows: list[str] = []
+    records: list[dict[str, Any]] = []
+    ptq_overrides = dict(args.ptq_override)
     started = time.strftime("%Y-%m-%d %H:%M")
     for base in args.bases:
         for model in args.models:
@@ -56,7 +79,8 @@ def main() -> None:
                 load_before = os.getloadavg()[0]
                 t0 = time.perf_counter()
                 result = apply(base, model, data=data, preset=PRESETS.get(base), eval_samples=args.eval_samples,
-                               overrides={"weight.bits": w_bits, "activation.bits": a_bits}, session=session)
+                               overrides={**ptq_overrides, "weight.bits": w_bits, "activation.bits": a_bits},
+                               session=session)
                 ptq_seconds = time.perf_counter() - t0
                 options = {"data": data, **json.loads(args.qat)}
                 adapter = session.adapter_for(model)
@@ -75,20 +99,32 @@ def main() -> None:
                 rows.append(f"| {model} | W{w_bits}A{a_bits} | {base}{' ' + PRESETS[base] if base in PRESETS else ''} "
                             f"| {fp:.2f} | {ptq:.2f} | {qat_top1:.2f} | {recovered:.0%} of the gap | "
                             f"{ptq_seconds:.0f} | {qat_seconds:.0f} | {load_before:.1f} / {os.getloadavg()[0]:.1f} |")
-                write(args.out, rows, args, started, options)
+                records.append({"model": model, "data": data, "w_bits": w_bits, "a_bits": a_bits, "base": base,
+                                "preset": PRESETS.get(base), "ptq_overrides": ptq_overrides, "qat_options": options,
+                                "fp_top1": fp, "ptq_top1": ptq, "qat_top1": qat_top1, "ptq_seconds": ptq_seconds,
+                                "qat_seconds": qat_seconds, "load_before": load_before,
+                                "load_after": os.getloadavg()[0]})
+                write(args.out, rows, records, args, started, options)
                 print(rows[-1], flush=True)
 
 
-def write(path: str, rows: list[str], args: argparse.Namespace, started: str, options: dict) -> None:
+def write(path: str, rows: list[str], records: list[dict[str, Any]], args: argparse.Namespace, started: str,
+          options: dict) -> None:
     evaluated = f"first {args.eval_samples}" if args.eval_samples else "all 10 000"
     qat = {k: v for k, v in options.items() if k != "data"}
-    text = (f"Fashion-MNIST test images: {evaluated}. QAT options {json.dumps(qat)} (data: the model's own "
+    invocation = "OMP_NUM_THREADS=1 python " + shlex.join(sys.argv)
+    ptq = ", ".join(f"{k}={json.dumps(v)}" for k, v in dict(args.ptq_override).items()) or "none"
+    text = (f"Produced by `{invocation}`.\n\n"
+            f"Fashion-MNIST test images: {evaluated}. PTQ overrides: {ptq}. "
+            f"QAT options {json.dumps(qat)} (data: the model's own "
             f"training split). Started {started}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
             f"{platform.machine()}, {os.cpu_count()} cores.\n\n" + HEADER + "\n".join(rows) + "\n")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+    json_path = Path(path).with_suffix(".json")
+    json_path.write_text(json.dumps({"invocation": invocation, "started": started, "rows": records}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
