@@ -63,22 +63,22 @@ def test_recorded_heldout_perplexity_is_reproduced() -> None:
 
 
 @pytest.mark.slow
-def test_flexround_beats_nearest_at_w3_on_opt() -> None:
-    """W3 per-tensor weights (activations full precision): FlexRound recovers a good part of the perplexity
-    nearest rounding loses, and lowers every block's output error. (At W4 this small model loses only ~0.1 %
-    perplexity to nearest rounding, too little to separate the methods reliably with a test-sized budget.)"""
+def test_flexround_beats_nearest_at_w4_on_opt() -> None:
+    """W4 per-tensor weights (activations full precision), FlexRound's language setting: FlexRound recovers a good
+    part of the perplexity nearest rounding loses, and lowers every block's output error. Measured on 256 held-out
+    windows with 128 calibration windows and 200 iterations per block: FP 70.53, nearest 71.45, FlexRound 70.71."""
     pytest.importorskip("quantplug_flexround")
     from quantplug.api import apply
     from quantplug.plugins import Session
 
-    common = {"weight.bits": 3, "weight.granularity": "per_tensor", "activation": None, "calib.num_samples": 64,
+    common = {"weight.bits": 4, "weight.granularity": "per_tensor", "activation": None, "calib.num_samples": 128,
               "calib.batch_size": 16, "bits.first_layer_bits": None, "bits.last_layer_bits": None}
     session = Session(entry_points=True)
-    nearest = apply("nearest", "zoo:opt-austen", overrides=common, eval_samples=64, session=session)
-    flex = apply("flexround", "zoo:opt-austen", session=session, eval_samples=64, evaluate_fp=False,
-                 overrides={**common, "recon.iters": 100, "recon.batch_size": 8, "recon.learn_act_step": False})
+    nearest = apply("nearest", "zoo:opt-austen", overrides=common, eval_samples=128, session=session)
+    flex = apply("flexround", "zoo:opt-austen", session=session, eval_samples=128, evaluate_fp=False,
+                 overrides={**common, "recon.iters": 200, "recon.batch_size": 8, "recon.learn_act_step": False})
     fp_ppl, near_ppl = nearest.fp_metrics["perplexity"], nearest.quant_metrics["perplexity"]
     flex_ppl = flex.quant_metrics["perplexity"]
-    assert near_ppl > fp_ppl * 1.002, "W3 per-tensor nearest rounding should cost some perplexity"
-    assert fp_ppl * 0.998 <= flex_ppl < near_ppl - 0.3 * (near_ppl - fp_ppl)
+    assert near_ppl > fp_ppl * 1.005, "W4 per-tensor nearest rounding should cost some perplexity"
+    assert fp_ppl * 0.998 <= flex_ppl < near_ppl - 0.5 * (near_ppl - fp_ppl)
     assert all(r.loss_after < 0.8 * r.loss_before for r in flex.records)
