@@ -444,6 +444,8 @@ class ReconstructionEngine:
             optimizers.append(opt)
             schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0))
         self.policy.begin(act_quantizers, generator)
+        needs_quantized = bool(getattr(self.loss, "needs_quantized_output", False))
+        mixing = any(q.mixer is not None or q.selector is not None for q in act_quantizers)
         n = inputs.num
         batch = min(recon.batch_size, n)
         bar = progress_bar(range(iters), desc=f"reconstruct {unit.name}", unit="it")
@@ -451,7 +453,7 @@ class ReconstructionEngine:
             for it in bar:
                 progress = it / iters
                 idx = torch.randint(n, (batch,), generator=generator)
-                x = inputs.read(idx, device)
+                x = x_quant = inputs.read(idx, device)
                 if fp_inputs is not None:
                     x = self.policy.mix_unit_input(x, fp_inputs.read(idx, device))
                 y = targets.read(idx, device)
@@ -459,7 +461,10 @@ class ReconstructionEngine:
                 for r in rounders:
                     r.step(progress)
                 out = module(x)
-                ctx = LossContext({k: v[idx].to(device) for k, v in extras.items()}, progress)
+                quantized_out = None
+                if needs_quantized and (fp_inputs is not None or mixing):
+                    quantized_out = quantized_forward(module, x_quant, act_quantizers)
+                ctx = LossContext({k: v[idx].to(device) for k, v in extras.items()}, progress, quantized_out)
                 loss = self.loss(out, y, ctx)
                 total = loss
                 for r in rounders:
@@ -495,6 +500,18 @@ class ReconstructionEngine:
             total += float(loss) * (sl.stop - sl.start)
             count += sl.stop - sl.start
         return total / max(count, 1)
+
+
+def quantized_forward(module: nn.Module, x: Any, act_quantizers: Sequence[Any]) -> Any:
+    """``module(x)`` with every activation quantizer quantizing plainly (the policy's mixing switched off)."""
+    saved = [(q.mixer, q.selector) for q in act_quantizers]
+    for q in act_quantizers:
+        q.mixer = q.selector = None
+    try:
+        return module(x)
+    finally:
+        for q, (mixer, selector) in zip(act_quantizers, saved, strict=True):
+            q.mixer, q.selector = mixer, selector
 
 
 def describe_memory(run: RunContext, plan: Sequence[ReconUnit], cache_mode: str, needs_fp_inputs: bool) -> str:

@@ -133,10 +133,16 @@ class Rounding(Component):
 # --------------------------------------------------------------------------- loss
 @dataclass
 class LossContext:
-    """Per-batch extras a loss may use: cached tensors it asked for, and the iteration progress."""
+    """Per-batch extras a loss may use: cached tensors it asked for, and the iteration progress.
+
+    ``quantized_output`` is set only for a loss whose ``needs_quantized_output`` is True, and only while an
+    activation policy mixes in full precision (QDrop's drop): the unit's output for the same batch with
+    every activation quantized (policy off). ``None`` otherwise, when the output already is that.
+    """
 
     extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
     progress: float = 0.0
+    quantized_output: torch.Tensor | None = None
 
 
 class ReconstructionLoss(Component):
@@ -145,6 +151,10 @@ class ReconstructionLoss(Component):
     kind = "loss"
     #: names of per-sample tensors the engine must cache for this loss (see ``capture_extras``)
     extra_keys: ClassVar[tuple[str, ...]] = ()
+    #: True: the engine also runs the unit on its quantized input with the activation policy switched off
+    #: and passes that output as ``LossContext.quantized_output`` (PD-Quant's second term). May be an
+    #: instance attribute when a config option decides it.
+    needs_quantized_output: bool = False
 
     def capture_extras(self, run: Any, unit: Any) -> Mapping[str, torch.Tensor]:
         """Per-sample tensors ``[num_calibration_samples, ...]`` for ``unit`` (e.g. squared task-loss

@@ -228,3 +228,27 @@ def test_rounder_final_qparams_replace_the_grid(session, fast) -> None:  # type:
                  overrides={**fast, "activation": None, "rounding.name": "half-grid"})
     a, b = dict(quant_layers(ref.model)), dict(quant_layers(half.model))
     assert torch.allclose(b["layer1.0.conv1"].weight_quantizer.scale, a["layer1.0.conv1"].weight_quantizer.scale / 2)
+
+
+def test_quantized_forward_switches_the_policy_off_and_restores_it() -> None:
+    from quantplug.config import PerTensor, QuantSpec
+    from quantplug.engine import quantized_forward
+    from quantplug.quantizer import AffineQuantizer
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(8, 4)
+    act = AffineQuantizer(QuantSpec(2, False, PerTensor()))
+    act.set_qparams(torch.tensor([0.5]), torch.tensor([2.0]))
+    module = torch.nn.Sequential(act, layer)
+    x = torch.randn(16, 8)
+    plain = module(x)
+
+    def keep_everything(t: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return torch.zeros_like(t, dtype=torch.bool), None  # quantize nothing: full precision
+
+    act.selector = keep_everything
+    mixed = module(x)
+    assert torch.allclose(mixed, layer(x)) and not torch.allclose(mixed, plain)
+    again = quantized_forward(module, x, [act])
+    assert torch.equal(again, plain)
+    assert act.selector is keep_everything  # restored

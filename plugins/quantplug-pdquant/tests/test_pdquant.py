@@ -120,6 +120,53 @@ def test_rest_of_network_reproduces_fp_logits_and_loss_is_zero_at_fp_output(run:
     assert all(p.grad is None for p in run.fp_model.parameters())
 
 
+def test_pd_term_uses_the_quantized_output_and_mse_the_mixed_one() -> None:
+    out = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 3.0]])
+    tgt = torch.tensor([[0.0, 2.0, 1.0], [0.5, 0.0, 1.0]])
+    quantized = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    code = PredictionDifferenceLoss()
+    mixed = PredictionDifferenceLoss(PredictionDifferenceLoss.make_config({"pd_input": "mixed"}))
+    assert code.needs_quantized_output and not mixed.needs_quantized_output
+    mse = float(((out - tgt) ** 2).sum(1).mean())
+    for loss in (code, mixed):
+        loss.bind(nn.Sequential())
+    fp = {"fp_logits": tgt}
+    kl_quantized = float(code(quantized, tgt, LossContext(fp))) - float(((quantized - tgt) ** 2).sum(1).mean())
+    kl_out = float(code(out, tgt, LossContext(fp))) - mse
+    assert kl_quantized != pytest.approx(kl_out)
+    # "quantized": MSE on the output, KL on quantized_output; "mixed": both on the output
+    assert float(code(out, tgt, LossContext(fp, 0.0, quantized))) == pytest.approx(mse + kl_quantized, rel=1e-5)
+    assert float(mixed(out, tgt, LossContext(fp, 0.0, quantized))) == pytest.approx(mse + kl_out, rel=1e-5)
+    # no quantized output given (evaluation, or no mixing policy): the output is used
+    assert float(code(out, tgt, LossContext(fp))) == pytest.approx(mse + kl_out, rel=1e-5)
+    with pytest.raises(ConfigError):
+        PredictionDifferenceLoss(PredictionDifferenceLoss.make_config({"pd_input": "drop"}))
+
+
+def test_engine_gives_pd_the_output_of_the_purely_quantized_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under QDrop's drop the KL term sees a second forward on the quantized input with the drop off."""
+    from quantplug.api import apply
+
+    seen: list[tuple[bool, bool]] = []
+    original = PredictionDifferenceLoss.__call__
+
+    def recording(self, output, target, context):  # type: ignore[no-untyped-def]
+        q = context.quantized_output
+        seen.append((q is not None, q is not None and not torch.allclose(q, output)))
+        return original(self, output, target, context)
+
+    monkeypatch.setattr(PredictionDifferenceLoss, "__call__", recording)
+    overrides = {"recon.iters": 4, "calib.num_samples": 64, "weight.bits": 2, "activation.bits": 2,
+                 "data_transforms": []}
+    apply("pdquant", MODEL, overrides=overrides, evaluate_fp=False, eval_samples=64)
+    assert any(given for given, _ in seen)
+    assert any(differs for _, differs in seen)  # drop-mixed and purely quantized outputs differ
+    seen.clear()
+    apply("pdquant", MODEL, overrides={**overrides, "loss.options.pd_input": "mixed"}, evaluate_fp=False,
+          eval_samples=64)
+    assert seen and not any(given for given, _ in seen)
+
+
 def test_pd_needs_block_units(run: RunContext) -> None:
     with pytest.raises(IncompatibleComponentsError, match="block"):
         PredictionDifferenceLoss().capture_extras(run, ReconUnit("stem.conv", layer="stem.conv"))

@@ -2,9 +2,13 @@
 
 As in ``quant/block_recon.py`` (``LossFunction.__call__`` and the loop of ``block_reconstruction``)::
 
-    loss = lp_loss(z_q, z_fp) + KL(softmax(fp_logits / T) || softmax(rest(z_q) / T)) / lambda_r
+    loss = lp_loss(z_drop, z_fp) + KL(softmax(fp_logits / T) || softmax(rest(z_quant) / T)) / lambda_r
 
-* ``lp_loss`` is ``(z_q - z_fp).abs().pow(2).sum(1).mean()`` on the unit (block) output (quantplug's ``mse``);
+* ``lp_loss`` is ``(z_drop - z_fp).abs().pow(2).sum(1).mean()`` on the unit (block) output (quantplug's
+  ``mse``); ``z_drop`` is the output for QDrop's drop-mixed input (``out_drop``);
+* ``z_quant`` is the output for the purely quantized input (``out_quant``; the code concatenates both inputs
+  into one batch): the engine runs the unit a second time with the drop switched off
+  (``needs_quantized_output``; option ``pd_input="mixed"`` uses ``z_drop`` for both terms instead);
 * the KL divergence is ``nn.KLDivLoss(reduction='batchmean')`` of ``log_softmax(q / T)`` against
   ``softmax(fp / T)`` over the class dimension (no ``T^2`` factor), divided by ``lambda_r`` (0.1);
 * ``fp_logits`` are the full-precision network's logits of the calibration samples, captured once per unit;
@@ -102,6 +106,10 @@ class PredictionDifferenceLoss(ReconstructionLoss):
         temperature: float = 4.0  # T; 1.0 for MobileNetV2 / MnasNet (run_script.py)
         lambda_r: float = 0.1  # main_imagenet.py --lamb_r; the KL term is divided by it
         p: float = 2.0  # lp_loss exponent of the regularization term
+        #: which unit output the KL term sees while QDrop's drop is active: "quantized" (the code's
+        #: ``out_quant``: the unit run again on its quantized input, every activation quantized) or
+        #: "mixed" (the drop-mixed output the MSE term sees; one forward per step, cheaper)
+        pd_input: str = "quantized"
 
     def __init__(self, config: PredictionDifferenceLoss.Config | None = None) -> None:
         super().__init__(config)
@@ -110,6 +118,9 @@ class PredictionDifferenceLoss(ReconstructionLoss):
         if not self.config.lambda_r > 0:
             raise ConfigError(f"pd lambda_r must be positive (the KL term is divided by it), "
                               f"got {self.config.lambda_r}")
+        if self.config.pd_input not in ("quantized", "mixed"):
+            raise ConfigError(f"pd pd_input must be 'quantized' or 'mixed', got {self.config.pd_input!r}")
+        self.needs_quantized_output = self.config.pd_input == "quantized"
         self._lp = LpLoss(LpLoss.Config(p=self.config.p))
         self.rest: nn.Module | None = None
         self._logits: torch.Tensor | None = None
@@ -130,9 +141,12 @@ class PredictionDifferenceLoss(ReconstructionLoss):
 
     def __call__(self, output: torch.Tensor, target: torch.Tensor, context: LossContext) -> torch.Tensor:
         reg = self._lp(output, target, context)
+        pd_output = output
+        if self.needs_quantized_output and context.quantized_output is not None:
+            pd_output = context.quantized_output
         if self.rest is None:
-            q_logits, ref_logits = output, target.detach()
+            q_logits, ref_logits = pd_output, target.detach()
         else:
-            q_logits, ref_logits = self.rest(output), context.extras["fp_logits"]
+            q_logits, ref_logits = self.rest(pd_output), context.extras["fp_logits"]
         pd = kl_prediction_difference(q_logits, ref_logits, self.config.temperature)
         return reg + pd / self.config.lambda_r
