@@ -9,6 +9,10 @@ command, the thread count, the torch version and the machine load.
         --settings W4A4 W3A3 W2A4 W2A2 --methods nearest adaround brecq qdrop --preset cpu-fast
 
 Two-bit settings run ``--seeds-2bit`` seeds (default 3) and report mean and spread (min..max).
+
+A method is ``PLUGIN[+BASE][@PATH=VALUE,...]``: ``mrecg+qdrop`` is ``--plugin mrecg --base qdrop``;
+``qdrop@recon.cache=fp16`` adds recipe overrides to that method only. A setting is ``W<bits>A<bits>``
+or ``W<bits>`` (weights only, activations in full precision).
 """
 
 from __future__ import annotations
@@ -30,25 +34,41 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def parse_setting(text: str) -> tuple[int, int]:
+    """``W2A4`` -> (2, 4); ``W4`` (weights only) -> (4, 32)."""
     text = text.upper()
-    if not (text.startswith("W") and "A" in text):
-        raise argparse.ArgumentTypeError(f"settings look like W2A4, got {text!r}")
-    w, a = text[1:].split("A")
-    return int(w), int(a)
+    w, _, a = text[1:].partition("A")
+    if not text.startswith("W") or not w.isdigit() or not (a.isdigit() or (a == "" and "A" not in text)):
+        raise argparse.ArgumentTypeError(f"settings look like W2A4 (or W4 for weights only), got {text!r}")
+    return int(w), int(a) if a else 32
+
+
+def setting_name(w_bits: int, a_bits: int) -> str:
+    return f"W{w_bits}" if a_bits >= 32 else f"W{w_bits}A{a_bits}"
+
+
+def parse_method(text: str) -> dict[str, Any]:
+    """``PLUGIN[+BASE][@PATH=VALUE,...]`` -> plugin, base and the method's own recipe overrides."""
+    from quantplug.config import parse_override
+
+    head, _, extra = text.partition("@")
+    plugin, _, base = head.partition("+")
+    overrides = dict(parse_override(o) for o in extra.split(",") if o)
+    return {"plugin": plugin, "base": base or None, "overrides": overrides}
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this process; return metrics, wall time and peak RSS."""
     import torch
 
-    from quantplug.api import apply
+    from quantplug.api import apply, cli_overrides
 
     torch.set_num_threads(spec["threads"])
     t0 = time.perf_counter()
-    overrides = {"weight.bits": spec["w_bits"], "activation.bits": spec["a_bits"], "calib.seed": spec["seed"],
+    overrides = {**cli_overrides(w_bits=spec["w_bits"], a_bits=spec["a_bits"]), "calib.seed": spec["seed"],
                  "calib.num_samples": spec["calib"], **spec.get("overrides", {})}
-    result = apply(spec["method"], spec["model"], data=spec.get("data"), preset=spec.get("preset"),
-                   overrides=overrides, eval_samples=spec.get("eval_samples"), evaluate_fp=spec["evaluate_fp"])
+    result = apply(spec.get("plugin", spec["method"]), spec["model"], data=spec.get("data"), base=spec.get("base"),
+                   preset=spec.get("preset"), overrides=overrides, eval_samples=spec.get("eval_samples"),
+                   evaluate_fp=spec["evaluate_fp"])
     return {
         "fp": result.fp_metrics,
         "quant": result.quant_metrics,
@@ -86,7 +106,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["zoo:resnet18-fmnist", "zoo:mobilenetv2-fmnist"])
     parser.add_argument("--settings", nargs="+", type=parse_setting, default=[(4, 4), (3, 3), (2, 4), (2, 2)])
-    parser.add_argument("--methods", nargs="+", default=["nearest", "adaround", "brecq", "qdrop"])
+    parser.add_argument("--methods", nargs="+", default=["nearest", "adaround", "brecq", "qdrop"],
+                        help="PLUGIN[+BASE][@PATH=VALUE,...], e.g. mrecg+qdrop or qdrop@recon.cache=fp16")
     parser.add_argument("--preset", default="cpu-fast")
     parser.add_argument("--data", default=None,
                         help="data spec (calibration: train split, eval: test split); default: the full Fashion-MNIST "
@@ -99,7 +120,8 @@ def main() -> None:
     parser.add_argument("-o", "--override", action="append", default=[], metavar="PATH=VALUE",
                         help="recipe override for every run (e.g. recon.iters=500)")
     parser.add_argument("--mobilenet-reg-weight", type=float, default=0.1,
-                        help="AdaRound lambda on MobileNetV2 (BRECQ / QDrop use 0.1)")
+                        help="AdaRound lambda on MobileNetV2 (the official MobileNetV2 configs use 0.1), for every "
+                        "method whose rounding is adaround")
     parser.add_argument("--out", default=str(RESULTS / "fidelity.md"))
     parser.add_argument("--resume", action="store_true",
                         help="reuse the runs already recorded in --out's JSON (same configurations) and run the rest")
@@ -117,20 +139,25 @@ def main() -> None:
     done = previous_runs(Path(args.out)) if args.resume else {}
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     fp_cache: dict[str, dict[str, float]] = {}
+    methods = {m: parse_method(m) for m in args.methods}
+    adaround_based = {m for m, parts in methods.items() if rounding_of(parts, args.preset) == "adaround"}
     for model in args.models:
         for w_bits, a_bits in args.settings:
-            setting = f"W{w_bits}A{a_bits}"
+            setting = setting_name(w_bits, a_bits)
             seeds = [args.seed + i for i in range(args.seeds_2bit if min(w_bits, a_bits) <= 2 else 1)]
             # seed-major: every method gets its first seed before any gets its second
             for seed in seeds:
-                for method in args.methods:
+                for method, parts in methods.items():
                     overrides = dict(common)
-                    if "mobilenet" in model and method != "nearest":
+                    if "mobilenet" in model and method in adaround_based:
                         overrides["rounding.options.reg_weight"] = args.mobilenet_reg_weight
-                    spec = {"method": method, "model": model, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
+                    overrides.update(parts["overrides"])
+                    spec = {"method": method, "plugin": parts["plugin"], "base": parts["base"],
+                            "model": model, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
                             "calib": args.calib_samples, "data": args.data or model_data(model),
                             "eval_samples": args.eval_samples,
-                            "preset": args.preset if method != "nearest" else None, "overrides": overrides,
+                            "preset": args.preset if parts["plugin"] != "nearest" else None,
+                            "overrides": overrides,
                             "threads": args.threads, "evaluate_fp": model not in fp_cache}
                     key = (model, setting, method)
                     row = rows.setdefault(key, {"model": model, "setting": setting, "method": method, "runs": []})
@@ -149,6 +176,17 @@ def main() -> None:
                     write_table(list(rows.values()), fp_cache, args, command, load_start, os.getloadavg(),
                                 quiet=True)
     write_table(list(rows.values()), fp_cache, args, command, load_start, os.getloadavg())
+
+
+def rounding_of(parts: dict[str, Any], preset: str) -> str:
+    """The rounding component the method's recipe uses (its MobileNetV2 lambda applies only to adaround)."""
+    from quantplug.api import resolve
+    from quantplug.plugins import Session
+
+    if parts["plugin"] == "nearest":
+        return "nearest"
+    recipe = resolve(Session(), parts["plugin"], base=parts["base"], preset=preset, overrides=parts["overrides"])
+    return recipe.rounding.name
 
 
 def model_data(model: str) -> str:
@@ -220,7 +258,9 @@ def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], arg
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, out)
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "rows": rows, "fp": fp}, indent=2))
+    tmp_json = out.with_suffix(".json.tmp")
+    tmp_json.write_text(json.dumps({"command": command, "rows": rows, "fp": fp}, indent=2))
+    os.replace(tmp_json, out.with_suffix(".json"))
 
 
 if __name__ == "__main__":

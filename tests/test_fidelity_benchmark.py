@@ -1,0 +1,63 @@
+"""benchmarks/fidelity.py: method and setting syntax, and one tiny end-to-end table."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
+
+
+def _load() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fidelity_benchmark", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_settings_and_methods_parse() -> None:
+    fidelity = _load()
+    assert fidelity.parse_setting("w2a4") == (2, 4)
+    assert fidelity.parse_setting("W4") == (4, 32)
+    assert fidelity.setting_name(4, 32) == "W4" and fidelity.setting_name(3, 3) == "W3A3"
+    for bad in ("A4", "WA4", "W2A", "W2x4"):
+        with pytest.raises(Exception, match="W2A4"):
+            fidelity.parse_setting(bad)
+    assert fidelity.parse_method("mrecg+qdrop@recon.cache=fp16,recon.iters=7") == {
+        "plugin": "mrecg", "base": "qdrop", "overrides": {"recon.cache": "fp16", "recon.iters": 7}}
+    assert fidelity.parse_method("adaround") == {"plugin": "adaround", "base": None, "overrides": {}}
+    assert fidelity.rounding_of(fidelity.parse_method("mrecg+qdrop"), "cpu-fast") == "adaround"
+    assert fidelity.rounding_of(fidelity.parse_method("flexround"), "cpu-fast") == "flexround"
+
+
+def test_tiny_table_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "fidelity.md"
+    cmd = [sys.executable, str(SCRIPT), "--models", "testing:tiny-resnet", "--data", "synthetic:images",
+           "--settings", "W4", "W2A4", "--methods", "nearest", "adaround@recon.cache=fp16", "--seeds-2bit", "2",
+           "--calib-samples", "64", "--eval-samples", "64", "--threads", "1", "-o", "recon.iters=2",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    rows = {(r["setting"], r["method"]): r for r in data["rows"]}
+    assert set(rows) == {(s, m) for s in ("W4", "W2A4") for m in ("nearest", "adaround@recon.cache=fp16")}
+    assert [run["seed"] for run in rows[("W2A4", "nearest")]["runs"]] == [0, 1]
+    assert len(rows[("W4", "nearest")]["runs"]) == 1
+    for row in rows.values():
+        for run in row["runs"]:
+            assert "error" not in run, run
+    ada = rows[("W2A4", "adaround@recon.cache=fp16")]["runs"][0]["recipe"]
+    assert ada["recon"]["cache"] == "fp16" and ada["recon"]["iters"] == 2
+    assert rows[("W4", "nearest")]["runs"][0]["recipe"]["activation"] is None  # weights only
+    table = out.read_text()
+    assert "| testing:tiny-resnet |" in table and "adaround@recon.cache=fp16" in table
+    # --resume reuses every recorded run: nothing is run again
+    again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and json.loads(out.with_suffix(".json").read_text())["rows"] == data["rows"]
