@@ -27,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "recipe": result.recipe.to_dict(),
         "units": len(result.records),
+        # per-unit losses (plugins/quantplug-mrecg/plot_losses.py reads them as FILE.json#MODEL/SETTING/METHOD/SEED)
+        "unit_records": [asdict(r) for r in result.records],
     }
 
 

@@ -10,6 +10,10 @@ one run and pass; ``--before`` adds the nearest-rounding losses dashed. The lege
 the oscillation, ``sum_i max(0, L_i - L_{i+1})``: the total of the drops between consecutive units, zero for
 a loss that only grows with depth (MRECG's Theorem 1 for equivalent modules).
 
+A run recorded by ``benchmarks/fidelity.py`` is named ``FIDELITY.json#MODEL/SETTING/METHOD/SEED`` (the
+worker keeps each run's per-unit records), e.g.
+``benchmarks/results/fidelity-extra-resnet18.json#zoo:resnet18-fmnist/W2A4/qdrop/0``.
+
 Needs matplotlib (``pip install quantplug-mrecg[plot]``); draws with the Agg backend (no display).
 """
 
@@ -45,7 +49,32 @@ def oscillation(losses: Sequence[float]) -> float:
     return float(sum(max(0.0, a - b) for a, b in zip(losses, losses[1:])))
 
 
+def load_fidelity_run(ref: str) -> dict[str, Any]:
+    """``FILE.json#MODEL/SETTING/METHOD/SEED``: one run of a fidelity benchmark, as a manifest-like dict."""
+    file, _, selector = ref.partition("#")
+    parts = selector.split("/")
+    if len(parts) != 4 or not parts[3].isdigit():
+        raise ValueError(f"{ref!r}: name a fidelity run as FILE.json#MODEL/SETTING/METHOD/SEED")
+    model, setting, method, seed = parts[0], parts[1], parts[2], int(parts[3])
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"{file} not found (a JSON written by benchmarks/fidelity.py)")
+    with open(file) as f:
+        data = json.load(f)
+    for row in data.get("rows", []):
+        if (row["model"], row["setting"], row["method"]) != (model, setting, method):
+            continue
+        for run in row["runs"]:
+            if run.get("seed") == seed:
+                if not run.get("unit_records"):
+                    raise ValueError(f"{ref}: the run has no per-unit records (recorded before they were kept, "
+                                     f"or it failed: {run.get('error', 'no error')})")
+                return {"units": run["unit_records"], "recipe": run.get("recipe", {})}
+    raise ValueError(f"{ref}: no such run in {file}")
+
+
 def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    if "#" in str(run_dir):
+        return load_fidelity_run(str(run_dir))
     path = Path(run_dir)
     manifest = path / "quantplug.json" if path.is_dir() else path
     if not manifest.is_file():
@@ -61,7 +90,11 @@ def series_of(run_dir: str | os.PathLike[str], pass_name: str | None = None) -> 
     """One ``Series`` per reconstruction pass of the run (or only ``pass_name``)."""
     data = load_run(run_dir)
     recipe = data.get("recipe", {}).get("name", "")
-    base = f"{Path(run_dir).name} ({recipe})" if recipe else Path(run_dir).name
+    if "#" in str(run_dir):  # a fidelity run: its METHOD/SEED names it
+        name = "/".join(str(run_dir).split("#", 1)[1].split("/")[1:])
+    else:
+        name = Path(run_dir).name
+    base = f"{name} ({recipe})" if recipe else name
     passes: dict[str, Series] = {}
     for unit in data["units"]:
         name = unit.get("pass_name", "joint")
@@ -128,7 +161,8 @@ def plot(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", help="run directories (or quantplug.json files)")
+    parser.add_argument("runs", nargs="+",
+                        help="run directories, quantplug.json files, or FIDELITY.json#MODEL/SETTING/METHOD/SEED")
     parser.add_argument("--out", "-o", default="reconstruction_losses.png", help="PNG to write")
     parser.add_argument("--pass", dest="pass_name", default=None,
                         help="only this pass (joint, weights, activations); default: every pass")

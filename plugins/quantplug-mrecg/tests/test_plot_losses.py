@@ -60,3 +60,23 @@ def test_plots_runs_of_tiny_resnet(tmp_path: Path) -> None:
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert not [p for p in png.parent.iterdir() if p != png]  # no temporary file left behind
     assert plot_losses.main([str(tmp_path / "missing"), "--out", str(png)]) == 2
+
+
+def test_reads_runs_out_of_a_fidelity_json(tmp_path: Path) -> None:
+    plot_losses = _script()
+    units = [{"index": i, "name": n, "layers": ["a"] * k, "loss_before": 2.0 * v, "loss_after": v, "iters": 5,
+              "seconds": 0.1, "pass_name": "joint"} for i, (n, k, v) in enumerate([("stem", 1, 1.0), ("b1", 2, 3.0),
+                                                                                    ("b2", 3, 2.0)])]
+    data = {"rows": [{"model": "m", "setting": "W2A4", "method": "mrecg+qdrop",
+                      "runs": [{"seed": 0, "recipe": {"name": "mrecg+qdrop"}, "unit_records": units},
+                               {"seed": 1, "error": "boom"}]}]}
+    path = tmp_path / "fidelity.json"
+    path.write_text(json.dumps(data))
+    (series,) = plot_losses.series_of(f"{path}#m/W2A4/mrecg+qdrop/0")
+    assert series.depth == [1, 3, 6] and series.after == [1.0, 3.0, 2.0] and series.before == [2.0, 6.0, 4.0]
+    assert series.label.startswith("W2A4/mrecg+qdrop/0")
+    assert plot_losses.oscillation(series.after) == pytest.approx(1.0)
+    for bad, match in ((f"{path}#m/W2A4/mrecg+qdrop/1", "no per-unit records"), (f"{path}#m/W2A4/qdrop/0", "no such"),
+                       (f"{path}#m/W2A4", "FILE.json#MODEL"), (f"{tmp_path}/x.json#m/W2A4/q/0", "not found")):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            plot_losses.load_run(bad)
