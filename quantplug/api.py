@@ -86,8 +86,9 @@ def cli_overrides(
     if w_bits is not None:
         out["weight.bits"] = w_bits
     if a_bits is not None:
-        if a_bits in (0, 32):
+        if a_bits in (0, 32):  # weights only: no activation quantizers, so no activation steps to learn
             out["activation"] = None
+            out["recon.learn_act_step"] = False
         else:
             out["activation.bits"] = a_bits
     if calib_samples is not None:

@@ -39,7 +39,8 @@ def _add_apply(sub: Any) -> None:
     p.add_argument("--arch", default=None, help="architecture of a local state-dict file (e.g. resnet18)")
     p.add_argument("--num-classes", type=int, default=None, help="classes of a freshly built model")
     p.add_argument("--w-bits", type=int, default=None, help="weight bits (2-8); first/last layers stay at 8")
-    p.add_argument("--a-bits", type=int, default=None, help="activation bits (2-8; 0 or 32: no activation quant)")
+    p.add_argument("--a-bits", type=int, default=None,
+                   help="activation bits (2-8; 0 or 32: weights only, no activation quantizers or learned steps)")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration samples")
     p.add_argument("--batch-size", type=int, default=None, help="reconstruction batch size")
     p.add_argument("--iters", type=int, default=None, help="reconstruction iterations per unit")

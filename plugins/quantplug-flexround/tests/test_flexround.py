@@ -185,6 +185,19 @@ def test_reconstruction_beats_nearest_on_tiny_resnet_at_3_bits() -> None:
     assert stem.loss_after < 2.0 * stem.loss_before and stem.loss_before < 1e-2 * records["layer1.0"].loss_before
 
 
+def test_weights_only_runs_from_the_cli_flags() -> None:
+    """``--a-bits 32`` (the paper's weight-only W4 / W3 rows): no activation quantizers, so the recipe's
+    learned activation steps are switched off by the flag instead of failing as incompatible."""
+    from quantplug.api import apply, cli_overrides
+
+    overrides = cli_overrides(w_bits=4, a_bits=32)
+    assert overrides == {"weight.bits": 4, "activation": None, "recon.learn_act_step": False}
+    result = apply("flexround", "testing:tiny-resnet", session=Session(), eval_samples=32, evaluate_fp=False,
+                   overrides={**overrides, "recon.iters": 20, "calib.num_samples": 64})
+    assert result.recipe.activation is None and result.recipe.weight.granularity.kind == "per_tensor"
+    assert any(r.loss_after < r.loss_before for r in result.records)
+
+
 # ----------------------------------------------------------------------------------------- conformance
 class TestFlexRoundConformance(RoundingConformance):
     component = FlexRounding
