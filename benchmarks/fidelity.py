@@ -128,6 +128,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "fidelity.md"))
     parser.add_argument("--resume", action="store_true",
                         help="reuse the runs already recorded in --out's JSON (same configurations) and run the rest")
+    parser.add_argument("--reuse", action="append", default=[], metavar="JSON",
+                        help="also reuse the runs recorded in this JSON of another table (same configurations; "
+                        "with --resume; repeatable)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -139,7 +142,9 @@ def main() -> None:
     common = dict(parse_override(o) for o in args.override)
     command = "python benchmarks/fidelity.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = os.getloadavg()
-    done = previous_runs(Path(args.out)) if args.resume else {}
+    recorded: list[dict[Any, Any]] = []  # this table's own runs first, then --reuse tables in order
+    if args.resume:
+        recorded = [previous_runs(Path(path)) for path in [args.out, *args.reuse]]
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     fp_cache: dict[str, dict[str, float]] = {}
     methods = {m: parse_method(m) for m in args.methods}
@@ -164,14 +169,26 @@ def main() -> None:
                             "threads": args.threads, "evaluate_fp": model not in fp_cache}
                     key = (model, setting, method)
                     row = rows.setdefault(key, {"model": model, "setting": setting, "method": method, "runs": []})
-                    out = done.get((model, setting, method, seed))
+                    # what decides the result besides the key; a recorded run is reused only if it matches
+                    # (runs recorded before 2026-11-22 carry no config and are trusted)
+                    config = {k: spec[k] for k in ("plugin", "base", "calib", "data", "eval_samples", "preset",
+                                                   "overrides")}
+                    candidates = [d[(model, setting, method, seed)] for d in recorded
+                                  if (model, setting, method, seed) in d]
+                    out = next((c for c in candidates if c.get("config", config) == config), None)
+                    if out is None and candidates:
+                        print(f"{model} {setting} {method} seed {seed}: recorded with {candidates[0]['config']}, "
+                              f"now {config}: running again", flush=True)
                     if out is None:
                         out = run_worker(spec)
                         out["load_after"] = os.getloadavg()[0]
+                        out["config"] = config
                     if "error" not in out and out.get("fp"):
                         fp_cache[model] = out["fp"]
-                    elif model not in fp_cache and done.get(("fp", model)):
-                        fp_cache[model] = done[("fp", model)]
+                    elif model not in fp_cache:
+                        fp_recorded = [d[("fp", model)] for d in recorded if ("fp", model) in d]
+                        if fp_recorded:
+                            fp_cache[model] = fp_recorded[0]
                     row["runs"].append({"seed": seed, **out})
                     print(f"{model} {setting} {method} seed {seed}: "
                           f"{out.get('quant', {}).get('top1', out.get('error'))}", flush=True)

@@ -61,3 +61,19 @@ def test_tiny_table_end_to_end(tmp_path: Path) -> None:
     # --resume reuses every recorded run: nothing is run again
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(out.with_suffix(".json").read_text())["rows"] == data["rows"]
+    # another table reuses them with --reuse; a run recorded with other settings is run again
+    other = tmp_path / "other.md"
+    narrow = [a for a in cmd if a not in ("W2A4", "adaround@recon.cache=fp16")]
+    narrow[narrow.index("--out") + 1] = str(other)
+    narrow[narrow.index("--calib-samples") + 1] = "32"
+    proc = subprocess.run(narrow + ["--resume", "--reuse", str(out.with_suffix(".json"))], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "running again" in proc.stdout
+    (row,) = json.loads(other.with_suffix(".json").read_text())["rows"]
+    assert row["runs"][0]["config"]["calib"] == 32 and row["runs"][0]["recipe"]["calib"]["num_samples"] == 32
+    narrow[narrow.index("--calib-samples") + 1] = "64"
+    proc = subprocess.run(narrow + ["--resume", "--reuse", str(out.with_suffix(".json"))], capture_output=True,
+                          text=True, timeout=600)
+    (row,) = json.loads(other.with_suffix(".json").read_text())["rows"]
+    assert "running again" not in proc.stdout and row == rows[("W4", "nearest")]
