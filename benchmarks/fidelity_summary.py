@@ -1,0 +1,245 @@
+"""Summary of the fidelity tables: settings x methods per model, the papers' orderings checked, README blocks.
+
+Reads every ``benchmarks/results/fidelity-*.json`` that ``benchmarks/fidelity.py`` wrote (each names the command
+that measured it) and writes ``benchmarks/results/fidelity.md``: one table per model (rows: bit settings; columns:
+methods; cells: mean top-1 and, over several seeds, the spread min..max), the orderings the papers claim checked at
+every setting, and the commands behind the numbers. Nothing is measured here.
+
+It also fills the measured blocks of the plugin READMEs: a README line
+``<!-- fidelity: nearest adaround brecq -->`` is followed by the same kind of table for those methods, up to the
+line ``<!-- /fidelity -->``.
+
+    python benchmarks/fidelity_summary.py          # rewrite benchmarks/results/fidelity.md and the README blocks
+    python benchmarks/fidelity_summary.py --check  # exit 1 if either differs from what the JSON files give
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+OUT = RESULTS / "fidelity.md"
+MODEL_ORDER = ("zoo:resnet18-fmnist", "zoo:mobilenetv2-fmnist")
+SETTING_ORDER = ("W4", "W3", "W4A8", "W4A4", "W3A3", "W2A4", "W2A2")
+#: methods recorded under a model-specific label, shown under one name (footnoted in the table)
+ALIASES = {"pdquant@loss.options.temperature=1.0": "pdquant"}
+ALIAS_NOTES = {"pdquant@loss.options.temperature=1.0": "PD-Quant on MobileNetV2 with T = 1 (the official "
+               "MobileNetV2 setting, `run_script.py`)"}
+#: (lower, higher, strict): the papers' claims. strict: the higher method must win beyond the seed spread
+ORDERINGS: tuple[tuple[str, str, bool], ...] = (
+    ("nearest", "adaround", True), ("adaround", "brecq", True), ("brecq", "qdrop", False),
+    ("qdrop", "pdquant", False), ("brecq", "mrecg+brecq", False), ("qdrop", "mrecg+qdrop", False),
+    ("qdrop", "nwq", False), ("adaround@weight.granularity=per_tensor", "flexround", False),
+    ("qdrop", "qdrop@recon.cache=fp16", False),
+)
+README_BLOCK = re.compile(r"(<!-- fidelity: (?P<methods>[^>]*?) -->\n)(?P<body>.*?)(<!-- /fidelity -->)", re.S)
+
+
+class SourceError(Exception):
+    """A fidelity JSON is missing or malformed."""
+
+
+@dataclass
+class Cell:
+    """The runs of one method at one setting on one model."""
+
+    top1: list[float]
+    cpu_seconds: list[float]
+    source: str
+
+    def text(self) -> str:
+        mean = statistics.mean(self.top1)
+        if len(self.top1) == 1:
+            return f"{mean:.2f}"
+        return f"{mean:.2f} ({min(self.top1):.2f}..{max(self.top1):.2f})"
+
+
+@dataclass
+class Tables:
+    cells: dict[tuple[str, str, str], Cell]
+    fp: dict[str, float]
+    commands: dict[str, str]
+    aliased: set[str]
+
+    def methods(self, model: str) -> list[str]:
+        seen: list[str] = []
+        for m, _, method in self.cells:
+            if m == model and method not in seen:
+                seen.append(method)
+        return seen
+
+    def settings(self, model: str, methods: Iterable[str] | None = None) -> list[str]:
+        wanted = set(methods) if methods is not None else None
+        found = {s for m, s, method in self.cells if m == model and (wanted is None or method in wanted)}
+        return sorted(found, key=lambda s: SETTING_ORDER.index(s) if s in SETTING_ORDER else len(SETTING_ORDER))
+
+
+def load(paths: Sequence[Path] | None = None) -> Tables:
+    """All runs without errors; a (model, setting, method) measured in several files is taken from the file that
+    has the most seeds of it (files reuse each other's runs, so their numbers agree)."""
+    paths = list(paths) if paths is not None else sorted(RESULTS.glob("fidelity-*.json"))
+    cells: dict[tuple[str, str, str], Cell] = {}
+    fp: dict[str, float] = {}
+    commands: dict[str, str] = {}
+    aliased: set[str] = set()
+    for path in paths:
+        try:
+            data = json.loads(path.read_text())
+            rows = data["rows"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise SourceError(f"{path}: not a fidelity table JSON ({exc}); rerun benchmarks/fidelity.py") from exc
+        commands[path.with_suffix(".md").name] = data.get("command", "(not recorded)")
+        for model, metrics in data.get("fp", {}).items():
+            if metrics and metrics.get("top1") is not None:
+                fp[model] = metrics["top1"]
+        for row in rows:
+            ok = [run for run in row["runs"] if "error" not in run]
+            if not ok:
+                continue
+            method = ALIASES.get(row["method"], row["method"])
+            if method != row["method"]:
+                aliased.add(row["method"])
+            cell = Cell([run["quant"]["top1"] for run in ok], [run.get("cpu_seconds", 0.0) for run in ok],
+                        path.with_suffix(".md").name)
+            key = (row["model"], row["setting"], method)
+            if key not in cells or len(cell.top1) > len(cells[key].top1):
+                cells[key] = cell
+    return Tables(cells, fp, commands, aliased)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def model_table(tables: Tables, model: str, methods: Sequence[str]) -> list[str]:
+    rows = []
+    for setting in tables.settings(model, methods):
+        cells = [tables.cells.get((model, setting, m)) for m in methods]
+        rows.append([setting, *(c.text() if c else "-" for c in cells)])
+    return markdown_table(["setting", *methods], rows)
+
+
+def fp_text(tables: Tables, model: str) -> str:
+    fp = tables.fp.get(model)
+    return f"full precision {fp:.2f}" if fp is not None else "full precision not recorded"
+
+
+def ordering_verdict(low: Cell, high: Cell, strict: bool) -> str:
+    """How the measured gain of ``high`` over ``low`` reads against the claim ``low < high`` (``<=`` if not strict)."""
+    gain = statistics.mean(high.top1) - statistics.mean(low.top1)
+    several = len(low.top1) > 1 and len(high.top1) > 1
+    if gain >= 0:
+        if not several:
+            word = "holds (one seed)"
+        elif min(high.top1) > max(low.top1):
+            word = "holds beyond the seed spread"
+        else:
+            word = "holds on the mean only, within the seed spread" if strict else "holds, within the seed spread"
+    elif not several:
+        word = "reversed (one seed)"
+    elif max(high.top1) < min(low.top1):
+        word = "reversed beyond the seed spread"
+    else:
+        word = "reversed on the mean, within the seed spread"
+    return f"{gain:+.2f} points: {word}"
+
+
+def ordering_lines(tables: Tables, model: str, methods: Sequence[str] | None = None) -> list[str]:
+    """The claimed orderings measured on ``model`` (only pairs of ``methods`` when given)."""
+    lines = []
+    for setting in tables.settings(model):
+        for low, high, strict in ORDERINGS:
+            if methods is not None and not (low in methods and high in methods):
+                continue
+            a, b = tables.cells.get((model, setting, low)), tables.cells.get((model, setting, high))
+            if a is None or b is None:
+                continue
+            claim = "<" if strict else "<="
+            lines.append(f"- {setting}: {low} {claim} {high}: {ordering_verdict(a, b, strict)}")
+    return lines
+
+
+def render(tables: Tables) -> str:
+    out = ["# Fidelity summary: the zoo CNNs, every method measured so far", "",
+           "Built by `python benchmarks/fidelity_summary.py` from the tables `benchmarks/results/fidelity-*.md` "
+           "listed under Sources (each lists every run with its seeds, CPU seconds, wall time and peak memory, and "
+           "the machine load). Cells: full test-set top-1 (%); with several seeds, mean (min..max). A dash: not "
+           "measured yet.", ""]
+    models = [m for m in MODEL_ORDER if any(k[0] == m for k in tables.cells)]
+    models += sorted({k[0] for k in tables.cells} - set(models))
+    for model in models:
+        out += [f"## {model} ({fp_text(tables, model)})", "", *model_table(tables, model, tables.methods(model)), ""]
+        lines = ordering_lines(tables, model)
+        if lines:
+            out += ["Orderings the papers claim (gain of the right-hand method over the left-hand one):", "", *lines,
+                    ""]
+    notes = [f"- `{ALIASES[label]}`: {note}." for label, note in ALIAS_NOTES.items() if label in tables.aliased]
+    if notes:
+        out += ["Notes:", "", *notes, ""]
+    out += ["## Sources", ""]
+    out += [f"- `benchmarks/results/{name}`: `{command}`" for name, command in sorted(tables.commands.items())]
+    return "\n".join(out) + "\n"
+
+
+def readme_block(tables: Tables, methods: Sequence[str]) -> str:
+    out = []
+    for model in MODEL_ORDER:
+        if not tables.settings(model, methods):
+            continue
+        out += [f"**{model}** ({fp_text(tables, model)}; full test set; mean (min..max) over seeds):", "",
+                *model_table(tables, model, methods), ""]
+        lines = ordering_lines(tables, model, methods)
+        out += lines + ([""] if lines else [])
+    if not out:
+        out = ["Not measured yet.", ""]
+    out.append("Generated by `python benchmarks/fidelity_summary.py` from `benchmarks/results/fidelity-*.json` "
+               "(commands and machine load in `benchmarks/results/fidelity.md`).")
+    return "\n".join(out) + "\n"
+
+
+def update_readme(text: str, tables: Tables) -> str:
+    return README_BLOCK.sub(lambda m: m.group(1) + readme_block(tables, m.group("methods").split()) + m.group(4),
+                            text)
+
+
+def readmes() -> list[Path]:
+    return sorted((ROOT / "plugins").glob("*/README.md"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if a generated file is out of date")
+    args = parser.parse_args(argv)
+    try:
+        tables = load()
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    wanted = {OUT: render(tables)}
+    for readme in readmes():
+        text = readme.read_text()
+        wanted[readme] = update_readme(text, tables)
+    stale = [p for p, text in wanted.items() if not p.is_file() or p.read_text() != text]
+    if args.check:
+        for p in stale:
+            print(f"out of date: {p.relative_to(ROOT)} (run python benchmarks/fidelity_summary.py)", file=sys.stderr)
+        return 1 if stale else 0
+    for p in stale:
+        tmp = p.with_suffix(p.suffix + ".tmp")
+        tmp.write_text(wanted[p])
+        tmp.replace(p)
+        print(f"wrote {p.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""benchmarks/fidelity_summary.py: the summary and README blocks are what the committed fidelity JSON files give."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_summary() -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location("quantplug_fidelity_summary",
+                                                  ROOT / "benchmarks" / "fidelity_summary.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_summary_and_readme_blocks_are_up_to_date() -> None:
+    assert load_summary().main(["--check"]) == 0, "run python benchmarks/fidelity_summary.py"
+
+
+def _run(top1: float, seed: int = 0) -> dict[str, object]:
+    return {"seed": seed, "quant": {"top1": top1}, "cpu_seconds": 10.0}
+
+
+def _write(path: Path, rows: list[dict[str, object]], fp: float = 90.0) -> Path:
+    command = f"python benchmarks/fidelity.py --out {path.name}"
+    path.write_text(json.dumps({"command": command, "fp": {"m": {"top1": fp}}, "rows": rows}))
+    return path
+
+
+def test_tables_orderings_and_readme_blocks(tmp_path: Path) -> None:
+    summary = load_summary()
+    main = _write(tmp_path / "fidelity-a.json", [
+        {"model": "m", "setting": "W2A4", "method": "nearest", "runs": [_run(80.0, s) for s in range(3)]},
+        {"model": "m", "setting": "W2A4", "method": "adaround", "runs": [_run(85.0), _run(86.0, 1), _run(84.5, 2)]},
+        {"model": "m", "setting": "W2A4", "method": "brecq", "runs": [_run(85.5), _run(86.5, 1), _run(85.8, 2)]},
+        {"model": "m", "setting": "W2A4", "method": "qdrop", "runs": [_run(85.0), {"seed": 1, "error": "boom"}]},
+        {"model": "m", "setting": "W4A4", "method": "pdquant@loss.options.temperature=1.0", "runs": [_run(88.0)]},
+        {"model": "m", "setting": "W4A4", "method": "qdrop", "runs": [_run(88.5)]},
+    ])
+    other = _write(tmp_path / "fidelity-b.json", [  # fewer seeds of a cell the first file has: not used
+        {"model": "m", "setting": "W2A4", "method": "nearest", "runs": [_run(10.0)]},
+    ])
+    tables = summary.load([main, other])
+    assert tables.cells[("m", "W2A4", "nearest")].top1 == [80.0, 80.0, 80.0]
+    assert tables.cells[("m", "W2A4", "qdrop")].top1 == [85.0]  # the failed seed is left out
+    assert ("m", "W4A4", "pdquant") in tables.cells and tables.aliased == {"pdquant@loss.options.temperature=1.0"}
+    assert tables.settings("m") == ["W4A4", "W2A4"]
+    table = summary.model_table(tables, "m", ["nearest", "adaround", "pdquant"])
+    assert table[2] == "| W4A4 | - | - | 88.00 |"
+    assert table[3] == "| W2A4 | 80.00 (80.00..80.00) | 85.17 (84.50..86.00) | - |"
+    lines = summary.ordering_lines(tables, "m")
+    assert "- W2A4: nearest < adaround: +5.17 points: holds beyond the seed spread" in lines
+    assert "- W2A4: adaround < brecq: +0.77 points: holds on the mean only, within the seed spread" in lines
+    assert "- W2A4: brecq <= qdrop: -0.93 points: reversed (one seed)" in lines
+    assert "- W4A4: qdrop <= pdquant: -0.50 points: reversed (one seed)" in lines
+    rendered = summary.render(tables)
+    assert "## m (full precision 90.00)" in rendered and "T = 1" in rendered and "fidelity-a.md" in rendered
+
+    readme = "intro\n<!-- fidelity: nearest adaround -->\nold text\n<!-- /fidelity -->\nrest\n"
+    summary.MODEL_ORDER = ("m",)
+    updated = summary.update_readme(readme, tables)
+    assert updated.startswith("intro\n<!-- fidelity: nearest adaround -->\n**m** (full precision 90.00")
+    assert "old text" not in updated and updated.endswith("<!-- /fidelity -->\nrest\n")
+    assert "nearest < adaround" in updated and "brecq" not in updated
+    assert summary.update_readme(updated, tables) == updated
+
+
+def test_a_broken_source_is_a_clear_error(tmp_path: Path) -> None:
+    summary = load_summary()
+    bad = tmp_path / "fidelity-x.json"
+    bad.write_text("{not json")
+    with pytest.raises(summary.SourceError, match="rerun benchmarks/fidelity.py"):
+        summary.load([bad])
