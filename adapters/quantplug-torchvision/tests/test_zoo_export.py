@@ -25,7 +25,6 @@ MODEL = "zoo:resnet18-fmnist"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, torch.nn.Module, torch.Tensor]:
-    torch.set_num_threads(2)
     out = str(tmp_path_factory.mktemp("zoo") / "run")
     session = Session()
     result = apply("nearest", MODEL, data="fmnist-subset", session=session, out_dir=out, eval_samples=256,
