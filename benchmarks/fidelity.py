@@ -143,8 +143,11 @@ def main() -> None:
     command = "python benchmarks/fidelity.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     load_start = os.getloadavg()
     recorded: list[dict[Any, Any]] = []  # this table's own runs first, then --reuse tables in order
+    earlier: dict[str, Any] = {"rows": [], "commands": []}  # rows this invocation does not ask for are kept
     if args.resume:
         recorded = [previous_runs(Path(path)) for path in [args.out, *args.reuse]]
+        earlier = previous_table(Path(args.out))
+    commands = [c for c in earlier["commands"] if c != command] + [command]
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     fp_cache: dict[str, dict[str, float]] = {}
     methods = {m: parse_method(m) for m in args.methods}
@@ -193,9 +196,9 @@ def main() -> None:
                     print(f"{model} {setting} {method} seed {seed}: "
                           f"{out.get('quant', {}).get('top1', out.get('error'))}", flush=True)
                     # rewrite after every run: an interrupted benchmark keeps what it measured
-                    write_table(list(rows.values()), fp_cache, args, command, load_start, os.getloadavg(),
+                    write_table(merged(rows, earlier), fp_cache, args, commands, load_start, os.getloadavg(),
                                 quiet=True)
-    write_table(list(rows.values()), fp_cache, args, command, load_start, os.getloadavg())
+    write_table(merged(rows, earlier), fp_cache, args, commands, load_start, os.getloadavg())
 
 
 def rounding_of(parts: dict[str, Any], preset: str) -> str:
@@ -232,14 +235,40 @@ def previous_runs(out: Path) -> dict[Any, Any]:
     return done
 
 
+def previous_table(out: Path) -> dict[str, Any]:
+    """Rows and commands of ``out``'s JSON (empty if there is none)."""
+    path = out.with_suffix(".json")
+    if not path.is_file():
+        return {"rows": [], "commands": []}
+    data = json.loads(path.read_text())
+    return {"rows": data.get("rows", []), "commands": data.get("commands") or [data.get("command", "")]}
+
+
+def merged(rows: dict[tuple[str, str, str], dict[str, Any]], earlier: dict[str, Any]) -> list[dict[str, Any]]:
+    """This invocation's rows, then the earlier rows it did not ask for (a table accumulates across invocations).
+    An earlier row's seeds that this invocation did not run are kept too."""
+    out = []
+    for key, row in rows.items():
+        old = next((r for r in earlier["rows"] if (r["model"], r["setting"], r["method"]) == key), None)
+        seeds = {run["seed"] for run in row["runs"]}
+        extra = [run for run in (old or {}).get("runs", []) if run["seed"] not in seeds]
+        out.append({**row, "runs": sorted(row["runs"] + extra, key=lambda run: run["seed"])})
+    out += [r for r in earlier["rows"] if (r["model"], r["setting"], r["method"]) not in rows]
+    return out
+
+
 def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], args: argparse.Namespace,
-                command: str, load_start: tuple[float, ...], load_end: tuple[float, ...], quiet: bool = False) -> None:
+                commands: list[str], load_start: tuple[float, ...], load_end: tuple[float, ...],
+                quiet: bool = False) -> None:
     import torch
 
     lines = [
         "# Fidelity: nearest vs reconstruction methods on the zoo models",
         "",
-        f"Command: `{command}`",
+        "Commands (with `--resume` a table keeps the runs of earlier invocations; the last one is the latest, and "
+        "the machine and settings lines below describe it; each run's JSON entry records its own configuration):",
+        "",
+        *(f"- `{c}`" for c in commands),
         "",
         f"Machine: {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s) per run, "
         f"Python {platform.python_version()}; load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end "
@@ -279,7 +308,8 @@ def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], arg
     tmp.write_text(text)
     os.replace(tmp, out)
     tmp_json = out.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps({"command": command, "rows": rows, "fp": fp}, indent=2))
+    tmp_json.write_text(json.dumps({"command": commands[-1], "commands": commands, "rows": rows, "fp": fp},
+                                   indent=2))
     os.replace(tmp_json, out.with_suffix(".json"))
 
 

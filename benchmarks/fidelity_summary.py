@@ -66,7 +66,7 @@ class Cell:
 class Tables:
     cells: dict[tuple[str, str, str], Cell]
     fp: dict[str, float]
-    commands: dict[str, str]
+    commands: dict[str, list[str]]
     aliased: set[str]
 
     def methods(self, model: str) -> list[str]:
@@ -88,7 +88,7 @@ def load(paths: Sequence[Path] | None = None) -> Tables:
     paths = list(paths) if paths is not None else sorted(RESULTS.glob("fidelity-*.json"))
     cells: dict[tuple[str, str, str], Cell] = {}
     fp: dict[str, float] = {}
-    commands: dict[str, str] = {}
+    commands: dict[str, list[str]] = {}
     aliased: set[str] = set()
     for path in paths:
         try:
@@ -96,7 +96,7 @@ def load(paths: Sequence[Path] | None = None) -> Tables:
             rows = data["rows"]
         except (OSError, ValueError, KeyError) as exc:
             raise SourceError(f"{path}: not a fidelity table JSON ({exc}); rerun benchmarks/fidelity.py") from exc
-        commands[path.with_suffix(".md").name] = data.get("command", "(not recorded)")
+        commands[path.with_suffix(".md").name] = data.get("commands") or [data.get("command", "(not recorded)")]
         for model, metrics in data.get("fp", {}).items():
             if metrics and metrics.get("top1") is not None:
                 fp[model] = metrics["top1"]
@@ -186,7 +186,8 @@ def render(tables: Tables) -> str:
     if notes:
         out += ["Notes:", "", *notes, ""]
     out += ["## Sources", ""]
-    out += [f"- `benchmarks/results/{name}`: `{command}`" for name, command in sorted(tables.commands.items())]
+    for name, commands in sorted(tables.commands.items()):
+        out += [f"- `benchmarks/results/{name}`:", *(f"  - `{c}`" for c in commands)]
     return "\n".join(out) + "\n"
 
 

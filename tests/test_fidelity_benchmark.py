@@ -61,6 +61,14 @@ def test_tiny_table_end_to_end(tmp_path: Path) -> None:
     # --resume reuses every recorded run: nothing is run again
     again = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and json.loads(out.with_suffix(".json").read_text())["rows"] == data["rows"]
+    # a narrower invocation into the same table keeps the rows it did not ask for and lists every command
+    narrow_same = [a for a in cmd if a not in ("W2A4", "adaround@recon.cache=fp16")]
+    proc = subprocess.run(narrow_same + ["--resume"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    kept = json.loads(out.with_suffix(".json").read_text())
+    assert {(r["setting"], r["method"]): r for r in kept["rows"]} == rows
+    assert len(kept["commands"]) == 3 and kept["command"] == kept["commands"][-1]
+    assert out.read_text().count("- `python benchmarks/fidelity.py") == 3
     # another table reuses them with --reuse; a run recorded with other settings is run again
     other = tmp_path / "other.md"
     narrow = [a for a in cmd if a not in ("W2A4", "adaround@recon.cache=fp16")]
