@@ -30,6 +30,7 @@ from quantplug.interfaces import (
     Rounding,
     UnitSpec,
 )
+from quantplug.memory import release_freed_memory
 from quantplug.modules import QuantLayer, quant_layers
 from quantplug.progress import progress_bar
 
@@ -326,6 +327,7 @@ class ReconstructionEngine:
                     on_pass_start(pass_name)
             unit = self.run.plan[index]
             record = self.reconstruct_unit(index, unit, pass_name)
+            release_freed_memory(self.run.device)  # resident memory must not climb from unit to unit
             self.run.records.append(record)
             self.save_checkpoint(step + 1)
             if self.on_unit_end is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -252,3 +254,19 @@ def test_quantized_forward_switches_the_policy_off_and_restores_it() -> None:
     again = quantized_forward(module, x, [act])
     assert torch.equal(again, plain)
     assert act.selector is keep_everything  # restored
+
+
+def test_freed_memory_is_released_after_every_unit(session, fast, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import quantplug.engine as engine_module
+    import quantplug.memory as memory
+
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "_MALLOC_TRIM", lambda pad: calls.append(pad) or 1)
+    seen: list[str] = []
+    monkeypatch.setattr(engine_module, "release_freed_memory",
+                        lambda device: (seen.append(device.type), memory.release_freed_memory(device)))
+    result = apply("soft-offset", "testing:tiny-resnet", session=session, eval_samples=20, evaluate_fp=False,
+                   overrides={**fast, "weight.bits": 3, "activation": None, "recon.iters": 3})
+    assert len(result.records) > 1 and seen == ["cpu"] * len(result.records) and calls == [0] * len(result.records)
+    if sys.platform.startswith("linux"):
+        assert memory._find_malloc_trim() is not None  # glibc: the real trim is found
