@@ -261,6 +261,10 @@ def render(args: argparse.Namespace, timing: list[dict[str, Any]], memory: list[
         f"Produced by `{command}` on {time.strftime('%Y-%m-%d')} (torch {torch.__version__}, "
         f"Python {platform.python_version()}, {platform.machine()}, {args.threads} thread(s), "
         f"{os.cpu_count()} cores; load average (1/5/15 min) at start / end: {loads[0]} and {loads[-1]}).", "",
+    ]
+    if not timing:
+        return "\n".join(lines + _memory_lines(args, memory, units)) + "\n"
+    lines += [
         f"Batch {BATCH}, W{W_BITS}A{A_BITS}, median seconds per step over {args.rounds} interleaved rounds of "
         f"{args.steps} steps. *ratio* = method step / plain fp forward+backward of the same unit and batch "
         "(target: at most 1.2).", "",
@@ -287,6 +291,11 @@ def render(args: argparse.Namespace, timing: list[dict[str, Any]], memory: list[
                   f"8 blocks, the measured stage-first block time for both blocks of a stage): "
                   f"**{per_block * 20000 / 3600:.1f} h** of reconstruction steps (the official code: about 17 h "
                   "on this machine, 0.33 / 0.20 / 0.14 / 0.14 s per step)."]
+    return "\n".join(lines + _memory_lines(args, memory, units)) + "\n"
+
+
+def _memory_lines(args: argparse.Namespace, memory: list[dict[str, Any]], units: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if memory:
         lines += ["", "## Peak resident memory as the calibration set grows (QDrop, zoo ResNet-18 layer1.0)", "",
                   "| samples | cache | RSS before caching (MiB) | peak RSS (MiB) |", "|---:|---|---:|---:|"]
@@ -303,7 +312,7 @@ def render(args: argparse.Namespace, timing: list[dict[str, Any]], memory: list[
                   f"largest step up {max(b - a for a, b in zip(rss, rss[1:])) if len(rss) > 1 else 0:.0f} MiB)."]
     elif "error" in units:
         lines += ["", f"Per-unit memory: error {units['error']}"]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main() -> None:
@@ -315,6 +324,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small unit, few steps, no memory scaling")
     parser.add_argument("--samples", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--unit-iters", type=int, default=50)
+    parser.add_argument("--only", choices=["timing", "memory", "units"], default=None,
+                        help="run one section (write it to another --out: the default file holds all three)")
     parser.add_argument("--out", default=str(RESULTS / "engine.md"))
     args = parser.parse_args()
     if args.worker:
@@ -332,6 +343,10 @@ def main() -> None:
             units = [*units, (OPT_ID, OPT_SEQ, ["layers.0"])]
         except ImportError:
             print("transformers is not installed: the OPT decoder layer row is skipped", file=sys.stderr)
+    if args.only not in (None, "timing"):
+        units = []
+    if args.only not in (None, "memory"):
+        args.samples = []
     timing = []
     for model_id, resolution, names in units:
         for name in names:
@@ -345,7 +360,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     memory = [run_worker("memory", {"samples": n, "cache": c}, args.threads)
               for n in args.samples for c in ("cpu", "disk")]
-    unit_rss = {} if args.quick else run_worker("units", {"iters": args.unit_iters}, args.threads)
+    skip_units = args.quick or args.only not in (None, "units")
+    unit_rss = {} if skip_units else run_worker("units", {"iters": args.unit_iters}, args.threads)
     loads.append(load_average())
     text = render(args, timing, memory, unit_rss, loads, command)
     print(text)
