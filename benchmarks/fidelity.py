@@ -67,9 +67,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     overrides = {**cli_overrides(w_bits=spec["w_bits"], a_bits=spec["a_bits"]), "calib.seed": spec["seed"],
                  "calib.num_samples": spec["calib"], **spec.get("overrides", {})}
+    run_dir = spec.get("run_dir")  # with --runs-dir: checkpoints after every unit, resumed if interrupted
     result = apply(spec.get("plugin", spec["method"]), spec["model"], data=spec.get("data"), base=spec.get("base"),
                    preset=spec.get("preset"), overrides=overrides, eval_samples=spec.get("eval_samples"),
-                   evaluate_fp=spec["evaluate_fp"])
+                   evaluate_fp=spec["evaluate_fp"], out_dir=run_dir, resume=run_dir is not None)
     return {
         "fp": result.fp_metrics,
         "quant": result.quant_metrics,
@@ -78,6 +79,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "recipe": result.recipe.to_dict(),
         "units": len(result.records),
+        # reconstruction time summed over units: over every process when an interrupted run was resumed
+        "recon_seconds": sum(r.seconds for r in result.records),
         # per-unit losses (plugins/quantplug-mrecg/plot_losses.py reads them as FILE.json#MODEL/SETTING/METHOD/SEED)
         "unit_records": [asdict(r) for r in result.records],
     }
@@ -128,6 +131,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "fidelity.md"))
     parser.add_argument("--resume", action="store_true",
                         help="reuse the runs already recorded in --out's JSON (same configurations) and run the rest")
+    parser.add_argument("--runs-dir", default=None,
+                        help="save every run under DIR/<model>/<setting>/<method>/seed<N> with a checkpoint after "
+                        "each unit; an interrupted run resumes there (for runs longer than a session)")
     parser.add_argument("--reuse", action="append", default=[], metavar="JSON",
                         help="also reuse the runs recorded in this JSON of another table (same configurations; "
                         "with --resume; repeatable)")
@@ -169,7 +175,8 @@ def main() -> None:
                             "eval_samples": args.eval_samples,
                             "preset": args.preset if parts["plugin"] != "nearest" else None,
                             "overrides": overrides,
-                            "threads": args.threads, "evaluate_fp": model not in fp_cache}
+                            "threads": args.threads, "evaluate_fp": model not in fp_cache,
+                            "run_dir": run_dir(args.runs_dir, model, setting, method, seed)}
                     key = (model, setting, method)
                     row = rows.setdefault(key, {"model": model, "setting": setting, "method": method, "runs": []})
                     # what decides the result besides the key; a recorded run is reused only if it matches
@@ -199,6 +206,13 @@ def main() -> None:
                     write_table(merged(rows, earlier), fp_cache, args, commands, load_start, os.getloadavg(),
                                 quiet=True)
     write_table(merged(rows, earlier), fp_cache, args, commands, load_start, os.getloadavg())
+
+
+def run_dir(root: str | None, model: str, setting: str, method: str, seed: int) -> str | None:
+    if root is None:
+        return None
+    safe = [part.replace(":", "_").replace("/", "_").replace("@", "_at_") for part in (model, method)]
+    return str(Path(root) / safe[0] / setting / safe[1] / f"seed{seed}")
 
 
 def rounding_of(parts: dict[str, Any], preset: str) -> str:

@@ -85,3 +85,32 @@ def test_tiny_table_end_to_end(tmp_path: Path) -> None:
                           text=True, timeout=600)
     (row,) = json.loads(other.with_suffix(".json").read_text())["rows"]
     assert "running again" not in proc.stdout and row == rows[("W4", "nearest")]
+
+
+def test_runs_dir_saves_each_run_with_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run is saved under its own directory and applied with ``resume=True``, so a run interrupted between
+    units continues from its last checkpoint (the engine's resume is tested in tests/test_engine.py)."""
+    import quantplug.api
+
+
+    fidelity = _load()
+    root = str(tmp_path / "runs")
+    path = fidelity.run_dir(root, "testing:tiny-resnet", "W2A4", "mrecg+qdrop@recon.cache=fp16", 1)
+    assert path == str(tmp_path / "runs" / "testing_tiny-resnet" / "W2A4" / "mrecg+qdrop_at_recon.cache=fp16" / "seed1")
+    assert fidelity.run_dir(None, "m", "W2A4", "qdrop", 0) is None
+    spec = {"method": "adaround", "plugin": "adaround", "base": None, "model": "testing:tiny-resnet", "w_bits": 2,
+            "a_bits": 4, "seed": 0, "calib": 64, "data": "synthetic:images", "eval_samples": 64, "preset": None,
+            "overrides": {"recon.iters": 3}, "threads": 1, "evaluate_fp": False,
+            "run_dir": fidelity.run_dir(root, "testing:tiny-resnet", "W2A4", "adaround", 0)}
+    calls: list[dict[str, object]] = []
+    real_apply = quantplug.api.apply
+
+    def recording_apply(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(kwargs)
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(quantplug.api, "apply", recording_apply)
+    out = fidelity.worker(spec)
+    assert calls[0]["out_dir"] == spec["run_dir"] and calls[0]["resume"] is True
+    assert (Path(spec["run_dir"]) / "quantplug.json").is_file()
+    assert out["recon_seconds"] == pytest.approx(sum(r["seconds"] for r in out["unit_records"]))
