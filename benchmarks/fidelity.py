@@ -165,30 +165,12 @@ def main() -> None:
             # seed-major: every method gets its first seed before any gets its second
             for seed in seeds:
                 for method, parts in methods.items():
-                    overrides = dict(common)
-                    if "mobilenet" in model and method in adaround_based:
-                        overrides["rounding.options.reg_weight"] = args.mobilenet_reg_weight
-                    overrides.update(parts["overrides"])
-                    spec = {"method": method, "plugin": parts["plugin"], "base": parts["base"],
-                            "model": model, "w_bits": w_bits, "a_bits": a_bits, "seed": seed,
-                            "calib": args.calib_samples, "data": args.data or model_data(model),
-                            "eval_samples": args.eval_samples,
-                            "preset": args.preset if parts["plugin"] != "nearest" else None,
-                            "overrides": overrides,
-                            "threads": args.threads, "evaluate_fp": model not in fp_cache,
-                            "run_dir": run_dir(args.runs_dir, model, setting, method, seed)}
+                    spec = run_spec(args, common, model, (w_bits, a_bits), method, parts, seed,
+                                    adaround=method in adaround_based, evaluate_fp=model not in fp_cache)
                     key = (model, setting, method)
                     row = rows.setdefault(key, {"model": model, "setting": setting, "method": method, "runs": []})
-                    # what decides the result besides the key; a recorded run is reused only if it matches
-                    # (runs recorded before 2026-11-22 carry no config and are trusted)
-                    config = {k: spec[k] for k in ("plugin", "base", "calib", "data", "eval_samples", "preset",
-                                                   "overrides")}
-                    candidates = [d[(model, setting, method, seed)] for d in recorded
-                                  if (model, setting, method, seed) in d]
-                    out = next((c for c in candidates if c.get("config", config) == config), None)
-                    if out is None and candidates:
-                        print(f"{model} {setting} {method} seed {seed}: recorded with {candidates[0]['config']}, "
-                              f"now {config}: running again", flush=True)
+                    config = {k: spec[k] for k in CONFIG_KEYS}
+                    out = recorded_run(recorded, (model, setting, method, seed), config)
                     if out is None:
                         out = run_worker(spec)
                         out["load_after"] = os.getloadavg()[0]
@@ -206,6 +188,37 @@ def main() -> None:
                     write_table(merged(rows, earlier), fp_cache, args, commands, load_start, os.getloadavg(),
                                 quiet=True)
     write_table(merged(rows, earlier), fp_cache, args, commands, load_start, os.getloadavg())
+
+
+#: what decides a run's result besides (model, setting, method, seed): a recorded run is reused only if these match
+CONFIG_KEYS = ("plugin", "base", "calib", "data", "eval_samples", "preset", "overrides")
+
+
+def run_spec(args: argparse.Namespace, common: dict[str, Any], model: str, bits: tuple[int, int], method: str,
+             parts: dict[str, Any], seed: int, *, adaround: bool, evaluate_fp: bool) -> dict[str, Any]:
+    """Everything a worker needs for one run."""
+    overrides = dict(common)
+    if "mobilenet" in model and adaround:
+        overrides["rounding.options.reg_weight"] = args.mobilenet_reg_weight
+    overrides.update(parts["overrides"])
+    return {"method": method, "plugin": parts["plugin"], "base": parts["base"], "model": model,
+            "w_bits": bits[0], "a_bits": bits[1], "seed": seed, "calib": args.calib_samples,
+            "data": args.data or model_data(model), "eval_samples": args.eval_samples,
+            "preset": args.preset if parts["plugin"] != "nearest" else None, "overrides": overrides,
+            "threads": args.threads, "evaluate_fp": evaluate_fp,
+            "run_dir": run_dir(args.runs_dir, model, setting_name(*bits), method, seed)}
+
+
+def recorded_run(recorded: list[dict[Any, Any]], key: tuple[str, str, str, int],
+                 config: dict[str, Any]) -> dict[str, Any] | None:
+    """The first recorded run of ``key`` made with ``config`` (runs recorded before 2026-11-22 carry no config and
+    are trusted); None if there is none."""
+    candidates = [d[key] for d in recorded if key in d]
+    out = next((c for c in candidates if c.get("config", config) == config), None)
+    if out is None and candidates:
+        print(f"{' '.join(map(str, key))}: recorded with {candidates[0].get('config')}, now {config}: running again",
+              flush=True)
+    return out
 
 
 def run_dir(root: str | None, model: str, setting: str, method: str, seed: int) -> str | None:
