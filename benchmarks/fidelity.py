@@ -78,12 +78,26 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "cpu_seconds": _cpu_seconds(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "recipe": result.recipe.to_dict(),
+        "code": code_version(),
         "units": len(result.records),
         # reconstruction time summed over units: over every process when an interrupted run was resumed
         "recon_seconds": sum(r.seconds for r in result.records),
         # per-unit losses (plugins/quantplug-mrecg/plot_losses.py reads them as FILE.json#MODEL/SETTING/METHOD/SEED)
         "unit_records": [asdict(r) for r in result.records],
     }
+
+
+def code_version() -> str:
+    """The repository commit the run used (``+dirty`` with uncommitted changes), so rows can be traced to code."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "quantplug", "plugins",
+                                "adapters"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head + ("+dirty" if dirty else "")) or "unknown"
 
 
 def _cpu_seconds() -> float:

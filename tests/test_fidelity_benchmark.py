@@ -56,6 +56,7 @@ def test_tiny_table_end_to_end(tmp_path: Path) -> None:
     ada = rows[("W2A4", "adaround@recon.cache=fp16")]["runs"][0]["recipe"]
     assert ada["recon"]["cache"] == "fp16" and ada["recon"]["iters"] == 2
     assert rows[("W4", "nearest")]["runs"][0]["recipe"]["activation"] is None  # weights only
+    assert all(run["code"] not in ("", "unknown") for row in rows.values() for run in row["runs"])  # a commit id
     table = out.read_text()
     assert "| testing:tiny-resnet |" in table and "adaround@recon.cache=fp16" in table
     # --resume reuses every recorded run: nothing is run again
