@@ -40,6 +40,9 @@ ORDERINGS: tuple[tuple[str, str, bool], ...] = (
     ("qdrop", "nwq", False), ("adaround@weight.granularity=per_tensor", "flexround", False),
     ("qdrop", "qdrop@recon.cache=fp16", False),
 )
+#: column order of the summary; other methods (variants such as ``qdrop@recon.cache=fp16``) follow, as first seen
+METHOD_ORDER = ("nearest", "adaround", "brecq", "qdrop", "pdquant", "mrecg+brecq", "mrecg+qdrop", "nwq",
+                "nearest@weight.granularity=per_tensor", "adaround@weight.granularity=per_tensor", "flexround")
 README_BLOCK = re.compile(r"(<!-- fidelity: (?P<methods>[^>]*?) -->\n)(?P<body>.*?)(<!-- /fidelity -->)", re.S)
 
 
@@ -70,11 +73,13 @@ class Tables:
     aliased: set[str]
 
     def methods(self, model: str) -> list[str]:
+        """The methods measured on ``model``: the known ones in ``METHOD_ORDER``, then the others as first seen."""
         seen: list[str] = []
         for m, _, method in self.cells:
             if m == model and method not in seen:
                 seen.append(method)
-        return seen
+        return sorted(seen, key=lambda m: (METHOD_ORDER.index(m) if m in METHOD_ORDER else len(METHOD_ORDER),
+                                           seen.index(m)))
 
     def settings(self, model: str, methods: Iterable[str] | None = None) -> list[str]:
         wanted = set(methods) if methods is not None else None

@@ -40,6 +40,7 @@ def _write(path: Path, rows: list[dict[str, object]], fp: float = 90.0) -> Path:
 def test_tables_orderings_and_readme_blocks(tmp_path: Path) -> None:
     summary = load_summary()
     main = _write(tmp_path / "fidelity-a.json", [
+        {"model": "m", "setting": "W4A4", "method": "qdrop@recon.cache=fp16", "runs": [_run(88.4)]},
         {"model": "m", "setting": "W2A4", "method": "nearest", "runs": [_run(80.0, s) for s in range(3)]},
         {"model": "m", "setting": "W2A4", "method": "adaround", "runs": [_run(85.0), _run(86.0, 1), _run(84.5, 2)]},
         {"model": "m", "setting": "W2A4", "method": "brecq", "runs": [_run(85.5), _run(86.5, 1), _run(85.8, 2)]},
@@ -55,6 +56,7 @@ def test_tables_orderings_and_readme_blocks(tmp_path: Path) -> None:
     assert tables.cells[("m", "W2A4", "qdrop")].top1 == [85.0]  # the failed seed is left out
     assert ("m", "W4A4", "pdquant") in tables.cells and tables.aliased == {"pdquant@loss.options.temperature=1.0"}
     assert tables.settings("m") == ["W4A4", "W2A4"]
+    assert tables.methods("m") == ["nearest", "adaround", "brecq", "qdrop", "pdquant", "qdrop@recon.cache=fp16"]
     table = summary.model_table(tables, "m", ["nearest", "adaround", "pdquant"])
     assert table[2] == "| W4A4 | - | - | 88.00 |"
     assert table[3] == "| W2A4 | 80.00 (80.00..80.00) | 85.17 (84.50..86.00) | - |"
