@@ -18,7 +18,9 @@ class TensorCache:
     """``num`` samples of one per-sample shape. ``read(idx)`` returns float32 on the requested device.
 
     * ``cpu``: float32 in RAM; ``fp16``: float16 in RAM (half the bytes);
-    * ``disk``: float32 memory-mapped file under ``directory`` (RAM use stays flat as ``num`` grows).
+    * ``disk``: float32 file under ``directory``, written and read with positional file I/O (``pwrite`` /
+      ``pread``), never memory-mapped: only the batch being read is resident, so the process's memory stays
+      flat as ``num`` grows (a memory map would count every touched page of the file as resident).
     """
 
     def __init__(
@@ -35,32 +37,63 @@ class TensorCache:
         self.integer_dtype = None if dtype.is_floating_point else dtype
         self.num = num
         self.sample_shape = tuple(sample_shape)
-        shape = (num, *self.sample_shape)
         self._dir: str | None = None
+        self._fd: int | None = None
+        self._tensor = torch.empty(0)
         if mode == "disk":
             self._dir = tempfile.mkdtemp(prefix="quantplug-cache-", dir=directory)
-            path = os.path.join(self._dir, "cache.f32")
-            self._array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
-            self._tensor = torch.from_numpy(self._array)
+            self._fd = os.open(os.path.join(self._dir, "cache.f32"), os.O_RDWR | os.O_CREAT, 0o600)
+            self._sample_bytes = math.prod(self.sample_shape) * 4
+            os.ftruncate(self._fd, num * self._sample_bytes)
         else:
             store = torch.float16 if mode == "fp16" else torch.float32
-            self._tensor = torch.empty(shape, dtype=self.integer_dtype or store)
+            self._tensor = torch.empty((num, *self.sample_shape), dtype=self.integer_dtype or store)
 
     @property
     def nbytes(self) -> int:
-        return self.num * math.prod(self.sample_shape) * self._tensor.element_size()
+        per_value = 4 if self.mode == "disk" else self._tensor.element_size()
+        return self.num * math.prod(self.sample_shape) * per_value
 
     def write(self, start: int, values: torch.Tensor) -> None:
-        self._tensor[start : start + values.shape[0]] = values.detach().to("cpu", self._tensor.dtype)
+        if self._fd is None:
+            self._tensor[start : start + values.shape[0]] = values.detach().to("cpu", self._tensor.dtype)
+            return
+        if start < 0 or start + values.shape[0] > self.num:
+            raise IndexError(f"cache write of {values.shape[0]} samples at {start} outside 0..{self.num}")
+        data = values.detach().to("cpu", torch.float32).contiguous().numpy()
+        _write_all(self._fd, memoryview(data).cast("B"), start * self._sample_bytes)
 
     def read(self, index: torch.Tensor | slice, device: torch.device) -> torch.Tensor:
-        out = self._tensor[index]
+        out = self._tensor[index] if self._fd is None else self._read_disk(index)
         return out.to(device=device, dtype=self.integer_dtype or torch.float32, non_blocking=True)
+
+    def _read_disk(self, index: torch.Tensor | slice) -> torch.Tensor:
+        assert self._fd is not None
+        if isinstance(index, slice):
+            start, stop, stride = index.indices(self.num)
+            if stride == 1:
+                buf = np.empty((max(stop - start, 0), *self.sample_shape), dtype=np.float32)
+                _read_all(self._fd, memoryview(buf).cast("B"), start * self._sample_bytes)
+                return torch.from_numpy(buf)
+            rows = list(range(start, stop, stride))
+        else:
+            rows = [int(i) for i in torch.as_tensor(index).reshape(-1)]
+        buf = np.empty((len(rows), *self.sample_shape), dtype=np.float32)
+        view = memoryview(buf).cast("B")
+        for k, row in enumerate(rows):
+            if not -self.num <= row < self.num:
+                raise IndexError(f"cache index {row} outside 0..{self.num - 1}")
+            row %= self.num
+            chunk = view[k * self._sample_bytes : (k + 1) * self._sample_bytes]
+            _read_all(self._fd, chunk, row * self._sample_bytes)
+        return torch.from_numpy(buf)
 
     def close(self) -> None:
         self._tensor = torch.empty(0)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._dir is not None:
-            self._array = None  # type: ignore[assignment]
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
 
@@ -69,6 +102,20 @@ class TensorCache:
             self.close()
         except Exception:
             pass
+
+
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _read_all(fd: int, buf: memoryview, offset: int) -> None:
+    while len(buf):
+        n = os.preadv(fd, [buf], offset)
+        if n == 0:
+            raise OSError(f"cache file ended early at byte {offset}: was it deleted or truncated?")
+        buf, offset = buf[n:], offset + n
 
 
 def human_bytes(n: float) -> str:
