@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.metadata as md
-import importlib.util
 import inspect
 import os
 import re
@@ -27,6 +26,7 @@ from quantplug.api import apply
 from quantplug.export import load
 from quantplug.interfaces import LossContext
 from quantplug.plugins import REGISTER_HOOKS, Session
+from quantplug.testing.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -36,11 +36,7 @@ EXAMPLE_MARKER = "<!-- example -->"
 
 # --------------------------------------------------------------------------- helpers
 def load_gen_docs() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("quantplug_gen_docs", DOCS / "gen_docs.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(DOCS / "gen_docs.py")
 
 
 def hookspec_functions() -> dict[str, Callable[..., Any]]:

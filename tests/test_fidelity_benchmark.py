@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,15 +10,13 @@ from types import ModuleType
 
 import pytest
 
+from quantplug.testing.scripts import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fidelity_benchmark", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_settings_and_methods_parse() -> None:

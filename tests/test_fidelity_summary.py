@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 
 import pytest
 
+from quantplug.testing.scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_summary() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("quantplug_fidelity_summary",
-                                                  ROOT / "benchmarks" / "fidelity_summary.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "fidelity_summary.py")
 
 
 def test_committed_summary_and_readme_blocks_are_up_to_date() -> None:

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import types
 from pathlib import Path
 
 import pytest
 
+from quantplug.testing.scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_toolbox() -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location("quantplug_toolbox_table", ROOT / "benchmarks" / "toolbox.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "toolbox.py")
 
 
 def test_committed_toolbox_table_is_up_to_date() -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -12,6 +10,7 @@ import pytest
 import torch
 
 from quantplug.plugins import Session
+from quantplug.testing.scripts import load_script
 
 torch.set_num_threads(1)
 
@@ -21,12 +20,7 @@ OVERRIDES = {"weight.bits": 3, "activation.bits": 4, "recon.iters": 20, "calib.n
 
 
 def _script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("plot_losses", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def test_oscillation_is_the_total_of_the_drops() -> None:

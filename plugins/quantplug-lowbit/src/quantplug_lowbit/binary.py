@@ -30,7 +30,8 @@ from torch import nn
 from quantplug.interfaces import Rounding, WeightRounder
 from quantplug.modules import QuantLayer
 from quantplug.quantizer import from_rows
-from quantplug_lowbit.grid import layer_rows, safe_scale, sign_zero_point
+from quantplug_lowbit.grid import safe_scale
+from quantplug_lowbit.rounder import SignCodeRounder
 from quantplug_lowbit.ste import sign_ste
 
 __all__ = ["BinaryRounder", "BinaryRounding", "binary_scale", "binary_signs", "stochastic_binary_signs"]
@@ -53,28 +54,19 @@ def stochastic_binary_signs(rows: torch.Tensor, scale: torch.Tensor, generator: 
     return torch.where(draw < prob, 1.0, -1.0).to(rows.dtype)
 
 
-class BinaryRounder(WeightRounder):
+class BinaryRounder(SignCodeRounder):
     """Per-layer binary state: fixed signs and scales, or a learned latent weight ``V`` (``learn_latent``)."""
 
     def __init__(self, layer: QuantLayer, config: BinaryRounding.Config, generator: torch.Generator | None) -> None:
-        super().__init__()
-        self.layer = [layer]  # a list keeps the layer out of this module's children
-        rows, spec = layer_rows(layer, "binary rounding")
-        self.spec = spec
-        self.zero_point = float(sign_zero_point(spec))
+        super().__init__(layer, "binary rounding")
+        rows = self._rows
         scale = binary_scale(rows)
         signs = stochastic_binary_signs(rows, scale, generator) if config.stochastic else binary_signs(rows)
         self.register_buffer("scale", safe_scale(scale))
         self.register_buffer("signs", signs)
-        self.latent: nn.Parameter | None = None
         if config.learn_latent:
-            # V in units of the initial scale (|V| ~ 1), so one learning rate suits every layer
-            self.register_buffer("unit", self.scale.clone())
-            self.latent = nn.Parameter(rows / self.unit[:, None])
-
-    def _latent_rows(self) -> torch.Tensor:
-        assert self.latent is not None
-        return self.latent * self.unit[:, None]
+            self.learn_latent(self.scale.clone())
+        del self._rows
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Signs (``[rows, n]``) and scales (``[rows]``) the layer would be hardened to now."""
@@ -91,16 +83,6 @@ class BinaryRounder(WeightRounder):
             v = self._latent_rows()
             rows = sign_ste(v) * binary_scale(v)[:, None]
         return from_rows(rows, weight.shape, self.spec)
-
-    @torch.no_grad()
-    def hard_codes(self) -> torch.Tensor:
-        signs, _ = self.current()
-        return from_rows(signs + self.zero_point, self.layer[0].weight.shape, self.spec)
-
-    @torch.no_grad()
-    def final_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        _, scale = self.current()
-        return scale.clone(), torch.full_like(scale, self.zero_point)
 
 
 class BinaryRounding(Rounding):

@@ -26,7 +26,8 @@ from quantplug.errors import ConfigError
 from quantplug.interfaces import Rounding, WeightRounder
 from quantplug.modules import QuantLayer
 from quantplug.quantizer import from_rows
-from quantplug_lowbit.grid import layer_rows, safe_scale, sign_zero_point
+from quantplug_lowbit.grid import safe_scale
+from quantplug_lowbit.rounder import SignCodeRounder
 from quantplug_lowbit.ste import ternary_ste
 
 __all__ = ["TWN_THRESHOLD_FACTOR", "TernaryRounder", "TernaryRounding", "twn_codes", "twn_scale", "twn_threshold"]
@@ -51,27 +52,19 @@ def twn_scale(rows: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return (codes * rows).sum(dim=1) / kept.clamp_min(1.0)
 
 
-class TernaryRounder(WeightRounder):
+class TernaryRounder(SignCodeRounder):
     """Per-layer ternary state: fixed codes and scales, or a learned latent weight ``V`` (``learn_latent``)."""
 
     def __init__(self, layer: QuantLayer, config: TernaryRounding.Config) -> None:
-        super().__init__()
-        self.layer = [layer]  # a list keeps the layer out of this module's children
-        rows, spec = layer_rows(layer, "ternary rounding")
-        self.spec = spec
+        super().__init__(layer, "ternary rounding")
+        rows = self._rows
         self.factor = config.threshold_factor
-        self.zero_point = float(sign_zero_point(spec))
         codes = twn_codes(rows, twn_threshold(rows, self.factor))
         self.register_buffer("codes", codes)
         self.register_buffer("scale", safe_scale(twn_scale(rows, codes)))
-        self.latent: nn.Parameter | None = None
         if config.learn_latent:
-            self.register_buffer("unit", safe_scale(rows.abs().mean(dim=1)))  # |V| ~ 1 in these units
-            self.latent = nn.Parameter(rows / self.unit[:, None])
-
-    def _latent_rows(self) -> torch.Tensor:
-        assert self.latent is not None
-        return self.latent * self.unit[:, None]
+            self.learn_latent(safe_scale(rows.abs().mean(dim=1)))  # |V| ~ 1 in these units
+        del self._rows
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (``[rows, n]`` in {-1, 0, 1}) and scales (``[rows]``) the layer would be hardened to now."""
@@ -90,16 +83,6 @@ class TernaryRounder(WeightRounder):
             codes = ternary_ste(v, twn_threshold(v.detach(), self.factor)[:, None])
             rows = codes * twn_scale(v, codes.detach())[:, None]
         return from_rows(rows, weight.shape, self.spec)
-
-    @torch.no_grad()
-    def hard_codes(self) -> torch.Tensor:
-        codes, _ = self.current()
-        return from_rows(codes + self.zero_point, self.layer[0].weight.shape, self.spec)
-
-    @torch.no_grad()
-    def final_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        _, scale = self.current()
-        return scale.clone(), torch.full_like(scale, self.zero_point)
 
 
 class TernaryRounding(Rounding):
