@@ -33,6 +33,7 @@ from quantplug.interfaces import (
 from quantplug.memory import release_freed_memory
 from quantplug.modules import QuantLayer, quant_layers
 from quantplug.progress import progress_bar
+from quantplug.tensors import to_device as _to_device
 
 logger = logging.getLogger(__name__)
 
@@ -167,14 +168,6 @@ def _primary(out: Any) -> torch.Tensor:
 
 def _batch_len(x: Any) -> int:
     return x.shape[0] if isinstance(x, torch.Tensor) else len(x)
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
 
 
 @torch.no_grad()

@@ -1,13 +1,26 @@
-"""Built-in reconstruction loss: Lp / MSE."""
+"""Built-in reconstruction loss: Lp / MSE; the softmax KL divergence that PD-Quant and NWQ build on."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from quantplug.hookspecs import hookimpl
 from quantplug.interfaces import LossContext, ReconstructionLoss
+
+
+def softmax_kl(q_logits: torch.Tensor, fp_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``KL(softmax(fp / T) || softmax(q / T))`` summed over classes, averaged over the batch: PyTorch's
+    ``KLDivLoss(reduction="batchmean")(log_softmax(q / T), softmax(fp / T))``, as PD-Quant's official code.
+
+    Classes are dimension 1 (``[B, classes]``); for token logits ``[B, T, vocab]`` the last dimension.
+    """
+    dim = -1 if q_logits.dim() == 3 else 1
+    log_q = F.log_softmax(q_logits / temperature, dim=dim)
+    log_p = F.log_softmax(fp_logits.to(q_logits.dtype) / temperature, dim=dim)
+    return F.kl_div(log_q, log_p, reduction="sum", log_target=True) / q_logits.shape[0]
 
 
 class LpLoss(ReconstructionLoss):

@@ -28,6 +28,7 @@ from torch import nn
 from quantplug.errors import ConfigError, DataError
 from quantplug.interfaces import ModelPass, PassContext
 from quantplug.modules import QuantLayer, quant_layers
+from quantplug.tensors import to_device as _to_device
 from quantplug_dfq.activations import ChannelClip, clipped_normal_mean
 from quantplug_dfq.bn_stats import bn_stats, distribution
 from quantplug_dfq.graph import Link, find_links, input_index
@@ -50,14 +51,6 @@ def channel_means(layer: nn.Module, output: torch.Tensor) -> tuple[torch.Tensor,
     dim = _channel_dim(layer, output)
     moved = output.detach().movedim(dim, -1).reshape(-1, output.shape[dim])
     return moved.double().sum(0), moved.shape[0]
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
 
 
 @torch.no_grad()

@@ -33,14 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from quantplug.builtins.losses import LpLoss
+from quantplug.builtins.losses import softmax_kl as kl_divergence
 from quantplug.cache import human_bytes
 from quantplug.errors import ConfigError, QuantplugError
 from quantplug.interfaces import LossContext, ReconstructionLoss, ReconUnit
+from quantplug.tensors import to_device as _to_device
 
 __all__ = ["ActivationRegularizationLoss", "EXTRA_PREFIX", "kl_divergence"]
 
@@ -49,23 +50,6 @@ logger = logging.getLogger(__name__)
 #: extras key of block ``name``'s full-precision output: ``EXTRA_PREFIX + name``
 EXTRA_PREFIX = "ar:"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-def kl_divergence(q_logits: torch.Tensor, fp_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``KL(softmax(fp / T) || softmax(q / T))`` summed over classes (dimension 1; last for ``[B, T, V]``),
-    averaged over the batch."""
-    dim = -1 if q_logits.dim() == 3 else 1
-    log_q = F.log_softmax(q_logits / temperature, dim=dim)
-    log_p = F.log_softmax(fp_logits.to(q_logits.dtype) / temperature, dim=dim)
-    return F.kl_div(log_q, log_p, reduction="sum", log_target=True) / q_logits.shape[0]
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
 
 
 class ActivationRegularizationLoss(ReconstructionLoss):

@@ -30,36 +30,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quantplug.builtins.losses import LpLoss
+from quantplug.builtins.losses import softmax_kl as kl_prediction_difference
 from quantplug.errors import ConfigError, IncompatibleComponentsError
 from quantplug.interfaces import LossContext, ReconstructionLoss, ReconUnit
+from quantplug.tensors import to_device as _to_device
 
 __all__ = ["PredictionDifferenceLoss", "kl_prediction_difference", "rest_of_network", "fp_logits"]
 
 logger = logging.getLogger(__name__)
-
-
-def kl_prediction_difference(q_logits: torch.Tensor, fp_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``KLDivLoss(batchmean)(log_softmax(q / T), softmax(fp / T))``: ``KL(p_fp || p_q)`` summed, / batch size.
-
-    Classes are dimension 1 (``[B, classes]``, as in the official ``dim=1``); for token logits
-    ``[B, T, vocab]`` the last dimension.
-    """
-    dim = -1 if q_logits.dim() == 3 else 1
-    log_q = F.log_softmax(q_logits / temperature, dim=dim)
-    log_p = F.log_softmax(fp_logits.to(q_logits.dtype) / temperature, dim=dim)
-    return F.kl_div(log_q, log_p, reduction="sum", log_target=True) / q_logits.shape[0]
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
 
 
 def rest_of_network(run: Any, unit: ReconUnit) -> nn.Module:
