@@ -43,6 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantplug.export import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 W_BITS, A_BITS, BATCH = 4, 4, 32
 METHODS = {
@@ -365,11 +367,7 @@ def main() -> None:
     loads.append(load_average())
     text = render(args, timing, memory, unit_rss, loads, command)
     print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(out)
+    atomic_write_text(args.out, text)
 
 
 if __name__ == "__main__":

@@ -303,6 +303,8 @@ def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], arg
                 quiet: bool = False) -> None:
     import torch
 
+    from quantplug.export import atomic_write_text
+
     lines = [
         "# Fidelity: nearest vs reconstruction methods on the zoo models",
         "",
@@ -344,14 +346,9 @@ def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], arg
     if not quiet:
         print(text)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
-    tmp_json = out.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps({"command": commands[-1], "commands": commands, "rows": rows, "fp": fp},
-                                   indent=2))
-    os.replace(tmp_json, out.with_suffix(".json"))
+    atomic_write_text(out, text)
+    atomic_write_text(out.with_suffix(".json"),
+                      json.dumps({"command": commands[-1], "commands": commands, "rows": rows, "fp": fp}, indent=2))
 
 
 if __name__ == "__main__":

@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"out of date: {p.relative_to(ROOT)} (run python benchmarks/fidelity_summary.py)", file=sys.stderr)
         return 1 if stale else 0
     for p in stale:
-        tmp = p.with_suffix(p.suffix + ".tmp")
-        tmp.write_text(wanted[p])
-        tmp.replace(p)
+        from quantplug.export import atomic_write_text
+
+        atomic_write_text(p, wanted[p])
         print(f"wrote {p.relative_to(ROOT)}")
     return 0
 

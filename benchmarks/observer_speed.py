@@ -37,6 +37,7 @@ from torch import nn
 
 from quantplug.builtins.observers import MSEObserver
 from quantplug.config import PerChannel, PerTensor, QuantSpec
+from quantplug.export import atomic_write_text
 from quantplug.quantizer import fake_quant, qparams_from_range, to_rows
 
 P_NORM = 2.4
@@ -446,10 +447,9 @@ def main(argv: list[str] | None = None) -> int:
         lines.append("")
     text = "\n".join(lines) + "\n"
     print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
+    atomic_write_text(args.output, text)
     raw = {str(b): [r.__dict__ for r in rows] for b, rows in results.items()}
-    args.output.with_suffix(".json").write_text(json.dumps(raw, indent=1))
+    atomic_write_text(args.output.with_suffix(".json"), json.dumps(raw, indent=1))
     return 0
 
 

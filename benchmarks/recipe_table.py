@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from quantplug.export import atomic_write_text
+
 
 def load_average() -> float:
     """The 1-minute load average (as ``uptime`` shows it)."""
@@ -111,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             header = (f"Produced by `{invocation}` (started {started}; torch {torch.__version__}, Python "
                       f"{platform.python_version()}, OMP_NUM_THREADS={args.threads}, "
                       f"{os.cpu_count()} cores shared with other jobs; load = 1-minute load average).")
-            out.with_suffix(".md").write_text(markdown(rows, header))
-            out.with_suffix(".json").write_text(json.dumps({"invocation": invocation, "rows": rows}, indent=2))
+            atomic_write_text(out.with_suffix(".md"), markdown(rows, header))
+            atomic_write_text(out.with_suffix(".json"), json.dumps({"invocation": invocation, "rows": rows}, indent=2))
             status = "failed" if "error" in row else f"{row['quant'].get('top1', float('nan')):.2f}"
             print(f"{model} | {job}: {status} ({row['seconds']:.0f} s{', kept' if kept else ''})", flush=True)
     return 0

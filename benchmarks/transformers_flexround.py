@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from quantplug.export import atomic_write_text
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {"W8": (8, None), "W4": (4, None), "W3": (3, None), "W8A8": (8, 8)}
 #: method label -> (recipe, extra overrides)
@@ -205,13 +207,8 @@ def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], arg
     if not quiet:
         print(text)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out)
-    tmp_json = out.with_suffix(".json.tmp")
-    tmp_json.write_text(json.dumps({"command": command, "rows": rows, "fp": fp}, indent=2))
-    os.replace(tmp_json, out.with_suffix(".json"))
+    atomic_write_text(out, text)
+    atomic_write_text(out.with_suffix(".json"), json.dumps({"command": command, "rows": rows, "fp": fp}, indent=2))
 
 
 if __name__ == "__main__":

@@ -55,6 +55,22 @@ def atomic_directory(out_dir: str | os.PathLike[str]) -> Iterator[str]:
         raise
 
 
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling file and a rename: readers (and an interrupted
+    writer) never see a half-written file. Creates the parent directory."""
+    target = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".quantplug-tmp-", dir=os.path.dirname(target))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
 def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` on the CPU, with tensors that share memory (tied weights, such as a language model's
     embedding and output projection) copied apart: safetensors refuses shared storage. Loading puts the same

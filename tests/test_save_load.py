@@ -104,3 +104,16 @@ def test_tied_weights_are_saved_apart_and_load_back_tied_values(tmp_path) -> Non
     fresh = Tied()
     fresh.load_state_dict(state)
     assert fresh.head.weight is fresh.embed.weight and torch.equal(fresh.embed.weight, model.embed.weight)
+
+
+def test_atomic_write_text_replaces_whole_or_not_at_all(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from quantplug.export import atomic_write_text
+
+    target = tmp_path / "deep" / "table.md"
+    atomic_write_text(target, "first\n")
+    atomic_write_text(target, "second\n")
+    assert target.read_text() == "second\n"
+    with pytest.raises(TypeError):
+        atomic_write_text(target, 3)  # type: ignore[arg-type]  # fails mid-write
+    assert target.read_text() == "second\n"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["table.md"]  # no temporary left behind
