@@ -392,14 +392,7 @@ class ReconstructionEngine:
     def harden_unit(self, work: UnitWork) -> None:
         """Store integer codes (and final quantization parameters) and freeze the activation steps."""
         for layer in work.layers:
-            if layer.rounder is not None:
-                qparams = layer.rounder.final_qparams()
-                codes = layer.rounder.hard_codes()
-                if qparams is not None:
-                    layer.weight_quantizer.set_qparams(*qparams)
-                layer.set_codes(codes)
-            elif layer.quantizes_weight and layer.weight_codes is None:
-                layer.set_codes(layer.nearest_codes())
+            harden_layer(layer)
         for q in work.act_quantizers:
             q.freeze_step()
 
@@ -495,6 +488,19 @@ class ReconstructionEngine:
             total += float(loss) * (sl.stop - sl.start)
             count += sl.stop - sl.start
         return total / max(count, 1)
+
+
+def harden_layer(layer: QuantLayer) -> None:
+    """Fix a layer's weight for good: its rounder's integer codes and final quantization parameters, or nearest
+    rounding for a weight-quantized layer without a rounder (and without codes yet)."""
+    if layer.rounder is not None:
+        qparams = layer.rounder.final_qparams()
+        codes = layer.rounder.hard_codes()
+        if qparams is not None:
+            layer.weight_quantizer.set_qparams(*qparams)
+        layer.set_codes(codes)
+    elif layer.quantizes_weight and layer.weight_codes is None:
+        layer.set_codes(layer.nearest_codes())
 
 
 def quantized_forward(module: nn.Module, x: Any, act_quantizers: Sequence[Any]) -> Any:

@@ -128,12 +128,26 @@ def read_state(run_dir: str) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path} is corrupt ({exc}); re-run `quantplug apply` to recreate it") from exc
 
 
-def load(run_dir: str, *, device: str | torch.device = "cpu", session: Any = None) -> nn.Module:
-    """Rebuild the quantized model saved in ``run_dir``."""
+def build_from_manifest(manifest: dict[str, Any], device: str | torch.device = "cpu",
+                        session: Any = None) -> nn.Module:
+    """The prepared (not yet loaded) quantized model a manifest describes: its adapter loads the recorded model id
+    with the recorded options, and the recorded recipe and per-layer bits (a bit-allocation pass may have set
+    them) prepare it."""
     from quantplug.api import build_quant_model
     from quantplug.plugins import Session
     from quantplug.prepare import LayerBits
 
+    session = session or Session()
+    recipe = Recipe.from_dict(manifest["recipe"])
+    adapter = session.adapter_for(manifest["model_id"])
+    bit_map = [LayerBits(**b) for b in manifest["bit_map"]] if manifest.get("bit_map") else None
+    _, model = build_quant_model(adapter, manifest["model_id"], recipe, torch.device(device),
+                                 manifest.get("model_options"), bit_map=bit_map)
+    return model
+
+
+def load(run_dir: str, *, device: str | torch.device = "cpu", session: Any = None) -> nn.Module:
+    """Rebuild the quantized model saved in ``run_dir``."""
     manifest = read_manifest(run_dir)
     fmt = manifest.get("export", {}).get("format")
     if fmt == "int":
@@ -144,13 +158,7 @@ def load(run_dir: str, *, device: str | torch.device = "cpu", session: Any = Non
         raise ArtifactError(f"{run_dir} is a {fmt!r} export, not a PyTorch run: load it with its runtime (for "
                             "onnx: quantplug_onnx.load_session(dir), an onnxruntime session), or load the run it "
                             "came from")
-    session = session or Session()
-    recipe = Recipe.from_dict(manifest["recipe"])
-    adapter = session.adapter_for(manifest["model_id"])
-    device = torch.device(device)
-    bit_map = [LayerBits(**b) for b in manifest["bit_map"]] if manifest.get("bit_map") else None
-    _, model = build_quant_model(adapter, manifest["model_id"], recipe, device, manifest.get("model_options"),
-                                 bit_map=bit_map)
+    model = build_from_manifest(manifest, device, session)
     state = read_state(run_dir)
     try:
         model.load_state_dict(state)

@@ -53,9 +53,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quantplug import console
-from quantplug.config import Recipe
 from quantplug.errors import ArtifactError, ConfigError
-from quantplug.export import MANIFEST, atomic_directory, read_manifest, unshared
+from quantplug.export import MANIFEST, atomic_directory, build_from_manifest, read_manifest, unshared
 from quantplug.hookspecs import hookimpl
 from quantplug.interfaces import Exporter
 from quantplug.modules import QuantLayer, quant_layers
@@ -368,21 +367,11 @@ def read_packed_state(export_dir: str, manifest: dict[str, Any]) -> dict[str, to
 def load_packed(export_dir: str | os.PathLike[str], *, device: str | torch.device = "cpu",
                 session: Any = None) -> nn.Module:
     """Rebuild the quantized model of a packed-integer export directory (outputs identical to the run's)."""
-    from quantplug.api import build_quant_model
-    from quantplug.plugins import Session
-    from quantplug.prepare import LayerBits
-
     export_dir = os.fspath(export_dir)
     manifest = read_manifest(export_dir)
     state = read_packed_state(export_dir, manifest)
-    session = session or Session()
-    recipe = Recipe.from_dict(manifest["recipe"])
-    adapter = session.adapter_for(manifest["model_id"])
     device = torch.device(device)
-    # the run's per-layer bits (a bit-allocation pass may have set them), as quantplug.export.load does
-    bit_map = [LayerBits(**b) for b in manifest["bit_map"]] if manifest.get("bit_map") else None
-    _, model = build_quant_model(adapter, manifest["model_id"], recipe, device, manifest.get("model_options"),
-                                 bit_map=bit_map)
+    model = build_from_manifest(manifest, device, session)
     packed_layers = list(manifest["packing"]["layers"])
     modules = dict(model.named_modules())
     for name in packed_layers:

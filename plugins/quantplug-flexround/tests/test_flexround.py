@@ -8,6 +8,7 @@ from quantplug_flexround import FlexRounder, FlexRounding
 from torch import nn
 
 from quantplug.config import PerChannel, PerGroup, PerTensor, QuantSpec
+from quantplug.engine import harden_layer
 from quantplug.modules import QuantConv2d, QuantLayer, QuantLinear
 from quantplug.plugins import Session
 from quantplug.quantizer import fake_quant_rows, qparams_from_range, to_rows
@@ -45,14 +46,6 @@ def _perturb(rounder: FlexRounder, seed: int = 0, size: float = 0.3) -> None:
             p.add_(torch.randn(p.shape, generator=gen) * size)
 
 
-def _harden(layer: QuantLayer) -> None:
-    """What the engine does at the end of a unit (ReconstructionEngine.reconstruct_unit)."""
-    assert layer.rounder is not None and layer.weight_quantizer is not None
-    qparams = layer.rounder.final_qparams()
-    codes = layer.rounder.hard_codes()
-    if qparams is not None:
-        layer.weight_quantizer.set_qparams(*qparams)
-    layer.set_codes(codes)
 
 
 # ----------------------------------------------------------------------------------------- maths
@@ -135,7 +128,7 @@ def test_hardening_is_exact(granularity: object) -> None:
         with torch.no_grad():
             soft = layer(x)
             soft_weight = layer.rounder()
-        _harden(layer)
+        harden_layer(layer)
         assert layer.rounder is None and layer.weight_codes is not None
         with torch.no_grad():
             assert torch.equal(layer.quantized_weight(), soft_weight)
@@ -233,7 +226,7 @@ class TestFlexRoundConformance(RoundingConformance):
                 assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
             opt.step()
             sched.step()
-        _harden(layer)
+        harden_layer(layer)
         with torch.no_grad():
             hard_loss = float((layer(x) - target).square().mean())
         assert hard_loss <= nearest_loss, f"learned {hard_loss:.4g} worse than nearest {nearest_loss:.4g}"

@@ -9,7 +9,8 @@ from quantplug_lowbit.binary import BinaryRounder
 from torch import nn
 
 from quantplug.config import PerChannel, PerTensor, QuantSpec
-from quantplug.modules import QuantConv2d, QuantLayer, QuantLinear
+from quantplug.engine import harden_layer
+from quantplug.modules import QuantConv2d, QuantLinear
 from quantplug.quantizer import to_rows
 from quantplug.testing.conformance import RoundingConformance, _calibrated_linear
 
@@ -21,14 +22,6 @@ def _conv(granularity: object = PerChannel(0), symmetric: bool = True, bits: int
     return QuantConv2d(nn.Conv2d(4, 6, 3), QuantSpec(bits, symmetric, granularity), None)
 
 
-def _harden(layer: QuantLayer) -> None:
-    """What the engine does at the end of a unit."""
-    assert layer.rounder is not None and layer.weight_quantizer is not None
-    qparams = layer.rounder.final_qparams()
-    codes = layer.rounder.hard_codes()
-    if qparams is not None:
-        layer.weight_quantizer.set_qparams(*qparams)
-    layer.set_codes(codes)
 
 
 def test_scale_is_mean_abs_per_output_channel_and_weights_are_a_sign() -> None:
@@ -65,7 +58,7 @@ def test_codes_sit_on_symmetric_and_asymmetric_grids(symmetric: bool, zero_point
     layer = _conv(symmetric=symmetric, bits=3)
     layer.rounder = BinaryRounding().attach(layer)
     soft = layer.rounder().detach()
-    _harden(layer)
+    harden_layer(layer)
     assert set(layer.weight_codes.float().unique().tolist()) == codes
     assert torch.equal(layer.weight_quantizer.zero_point, torch.full((6,), float(zero_point)))
     assert torch.allclose(layer.quantized_weight(), soft)
@@ -135,7 +128,7 @@ class TestBinaryConformance(RoundingConformance):
         weight is ``a * sign(W)``, whatever ``|W|``. Checked instead: hard weights are exactly that."""
         layer = _calibrated_linear()
         layer.rounder = self.make().attach(layer, generator=torch.Generator().manual_seed(0))
-        _harden(layer)
+        harden_layer(layer)
         rows = to_rows(layer.weight.detach(), layer.weight_spec)
         expected = binary_signs(rows) * binary_scale(rows)[:, None]
         assert torch.allclose(to_rows(layer.quantized_weight(), layer.weight_spec), expected)
@@ -147,7 +140,7 @@ class TestStochasticBinaryConformance(TestBinaryConformance):
     def test_hard_codes_within_one_step_of_weight(self) -> None:
         layer = _calibrated_linear()
         layer.rounder = self.make().attach(layer, generator=torch.Generator().manual_seed(0))
-        _harden(layer)
+        harden_layer(layer)
         rows = to_rows(layer.weight.detach(), layer.weight_spec)
         hard = to_rows(layer.quantized_weight(), layer.weight_spec)
         scale = binary_scale(rows)[:, None]

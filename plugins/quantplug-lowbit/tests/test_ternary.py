@@ -8,21 +8,15 @@ from quantplug_lowbit import TernaryRounding, twn_codes, twn_scale, twn_threshol
 from torch import nn
 
 from quantplug.config import PerChannel, PerTensor, QuantSpec
+from quantplug.engine import harden_layer
 from quantplug.errors import ConfigError
-from quantplug.modules import QuantConv2d, QuantLayer, QuantLinear
+from quantplug.modules import QuantConv2d, QuantLinear
 from quantplug.quantizer import to_rows
 from quantplug.testing.conformance import RoundingConformance, _calibrated_linear
 
 torch.set_num_threads(1)
 
 
-def _harden(layer: QuantLayer) -> None:
-    assert layer.rounder is not None and layer.weight_quantizer is not None
-    qparams = layer.rounder.final_qparams()
-    codes = layer.rounder.hard_codes()
-    if qparams is not None:
-        layer.weight_quantizer.set_qparams(*qparams)
-    layer.set_codes(codes)
 
 
 def _linear_with(weight: list[list[float]], granularity: object = PerTensor()) -> QuantLinear:
@@ -42,7 +36,7 @@ def test_threshold_codes_and_scale_by_hand() -> None:
     assert layer.rounder.hard_codes().tolist() == [[0.0, 0.0, 1.0, -1.0, 0.0, 1.0]]
     scale, zero_point = layer.rounder.final_qparams()
     assert float(scale) == pytest.approx(0.6) and float(zero_point) == 0.0
-    _harden(layer)
+    harden_layer(layer)
     assert torch.allclose(layer.quantized_weight(), torch.tensor([[0.0, 0.0, 0.6, -0.6, 0.0, 0.6]]))
 
 
@@ -105,7 +99,7 @@ def test_asymmetric_grid_uses_zero_point_one() -> None:
     layer = QuantConv2d(nn.Conv2d(3, 5, 3), QuantSpec(4, False, PerChannel(0)), None)
     layer.rounder = TernaryRounding().attach(layer)
     soft = layer.rounder().detach()
-    _harden(layer)
+    harden_layer(layer)
     assert set(layer.weight_codes.float().unique().tolist()) == {0.0, 1.0, 2.0}
     assert torch.allclose(layer.quantized_weight(), soft)
 
@@ -142,7 +136,7 @@ class TestTernaryConformance(RoundingConformance):
         refer to ``final_qparams``; checked instead: hard weights equal the TWN closed form."""
         layer = _calibrated_linear()
         layer.rounder = self.make().attach(layer)
-        _harden(layer)
+        harden_layer(layer)
         rows = to_rows(layer.weight.detach(), layer.weight_spec)
         codes = twn_codes(rows, twn_threshold(rows))
         expected = codes * twn_scale(rows, codes)[:, None]
