@@ -10,8 +10,10 @@ command, the thread count, the torch version and the machine load.
 
 Two-bit settings run ``--seeds-2bit`` seeds (default 3) and report mean and spread (min..max).
 
-A method is ``PLUGIN[+BASE][@PATH=VALUE,...]``: ``mrecg+qdrop`` is ``--plugin mrecg --base qdrop``;
-``qdrop@recon.cache=fp16`` adds recipe overrides to that method only. A setting is ``W<bits>A<bits>``
+A method is ``PLUGIN[+BASE][#PRESET][@PATH=VALUE,...]``: ``mrecg+qdrop`` is ``--plugin mrecg --base qdrop``;
+``qdrop@recon.cache=fp16`` adds recipe overrides to that method only; ``qdrop#official`` runs that method with
+its own preset instead of ``--preset`` (a time-to-accuracy row next to the fast preset's; ``--set`` overrides
+still apply, so run such rows in their own invocation without ``-o recon.iters=...``). A setting is ``W<bits>A<bits>``
 or ``W<bits>`` (weights only, activations in full precision).
 """
 
@@ -48,13 +50,17 @@ def setting_name(w_bits: int, a_bits: int) -> str:
 
 
 def parse_method(text: str) -> dict[str, Any]:
-    """``PLUGIN[+BASE][@PATH=VALUE,...]`` -> plugin, base and the method's own recipe overrides."""
+    """``PLUGIN[+BASE][#PRESET][@PATH=VALUE,...]`` -> plugin, base, the method's own preset (None: ``--preset``)
+    and its own recipe overrides."""
     from quantplug.config import parse_override
 
     head, _, extra = text.partition("@")
+    head, _, preset = head.partition("#")
     plugin, _, base = head.partition("+")
+    if not plugin or "#" in preset or (preset == "" and "#" in text.split("@")[0]):
+        raise argparse.ArgumentTypeError(f"methods look like PLUGIN[+BASE][#PRESET][@PATH=VALUE,...], got {text!r}")
     overrides = dict(parse_override(o) for o in extra.split(",") if o)
-    return {"plugin": plugin, "base": base or None, "overrides": overrides}
+    return {"plugin": plugin, "base": base or None, "preset": preset or None, "overrides": overrides}
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -127,7 +133,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["zoo:resnet18-fmnist", "zoo:mobilenetv2-fmnist"])
     parser.add_argument("--settings", nargs="+", type=parse_setting, default=[(4, 4), (3, 3), (2, 4), (2, 2)])
     parser.add_argument("--methods", nargs="+", default=["nearest", "adaround", "brecq", "qdrop"],
-                        help="PLUGIN[+BASE][@PATH=VALUE,...], e.g. mrecg+qdrop or qdrop@recon.cache=fp16")
+                        help="PLUGIN[+BASE][#PRESET][@PATH=VALUE,...], e.g. mrecg+qdrop, qdrop@recon.cache=fp16, "
+                        "qdrop#official")
     parser.add_argument("--preset", default="cpu-fast")
     parser.add_argument("--data", default=None,
                         help="data spec (calibration: train split, eval: test split); default: the full Fashion-MNIST "
@@ -171,7 +178,8 @@ def main() -> None:
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     fp_cache: dict[str, dict[str, float]] = {}
     methods = {m: parse_method(m) for m in args.methods}
-    adaround_based = {m for m, parts in methods.items() if rounding_of(parts, args.preset) == "adaround"}
+    adaround_based = {m for m, parts in methods.items()
+                      if rounding_of(parts, parts["preset"] or args.preset) == "adaround"}
     for model in args.models:
         for w_bits, a_bits in args.settings:
             setting = setting_name(w_bits, a_bits)
@@ -218,7 +226,8 @@ def run_spec(args: argparse.Namespace, common: dict[str, Any], model: str, bits:
     return {"method": method, "plugin": parts["plugin"], "base": parts["base"], "model": model,
             "w_bits": bits[0], "a_bits": bits[1], "seed": seed, "calib": args.calib_samples,
             "data": args.data or model_data(model), "eval_samples": args.eval_samples,
-            "preset": args.preset if parts["plugin"] != "nearest" else None, "overrides": overrides,
+            "preset": (parts["preset"] or args.preset) if parts["plugin"] != "nearest" else None,
+            "overrides": overrides,
             "threads": args.threads, "evaluate_fp": evaluate_fp,
             "run_dir": run_dir(args.runs_dir, model, setting_name(*bits), method, seed)}
 
@@ -318,7 +327,8 @@ def write_table(rows: list[dict[str, Any]], fp: dict[str, dict[str, float]], arg
         "(other jobs share the machine when this is above the thread count). "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', 'unset')}.",
         "",
-        f"Preset `{args.preset}` for the reconstruction methods; calibration {args.calib_samples} training images "
+        f"Preset `{args.preset}` for the reconstruction methods (a method named `NAME#PRESET` uses its own); "
+        f"calibration {args.calib_samples} training images "
         f"(same images and seeds for every method); evaluation on {args.eval_samples or 'all'} test images of "
         f"`{args.data or 'fmnist:<size the model was trained at>'}`. "
         f"Two-bit settings: mean (min..max) over {args.seeds_2bit} seeds.",

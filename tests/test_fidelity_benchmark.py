@@ -28,8 +28,13 @@ def test_settings_and_methods_parse() -> None:
         with pytest.raises(Exception, match="W2A4"):
             fidelity.parse_setting(bad)
     assert fidelity.parse_method("mrecg+qdrop@recon.cache=fp16,recon.iters=7") == {
-        "plugin": "mrecg", "base": "qdrop", "overrides": {"recon.cache": "fp16", "recon.iters": 7}}
-    assert fidelity.parse_method("adaround") == {"plugin": "adaround", "base": None, "overrides": {}}
+        "plugin": "mrecg", "base": "qdrop", "preset": None, "overrides": {"recon.cache": "fp16", "recon.iters": 7}}
+    assert fidelity.parse_method("adaround") == {"plugin": "adaround", "base": None, "preset": None, "overrides": {}}
+    assert fidelity.parse_method("mrecg+qdrop#official@calib.num_samples=1024") == {
+        "plugin": "mrecg", "base": "qdrop", "preset": "official", "overrides": {"calib.num_samples": 1024}}
+    for bad in ("qdrop#", "#official", "qdrop#a#b"):
+        with pytest.raises(Exception, match="PRESET"):
+            fidelity.parse_method(bad)
     assert fidelity.rounding_of(fidelity.parse_method("mrecg+qdrop"), "cpu-fast") == "adaround"
     assert fidelity.rounding_of(fidelity.parse_method("flexround"), "cpu-fast") == "flexround"
 
@@ -112,3 +117,19 @@ def test_runs_dir_saves_each_run_with_checkpoints(tmp_path: Path, monkeypatch: p
     assert calls[0]["out_dir"] == spec["run_dir"] and calls[0]["resume"] is True
     assert (Path(spec["run_dir"]) / "quantplug.json").is_file()
     assert out["recon_seconds"] == pytest.approx(sum(r["seconds"] for r in out["unit_records"]))
+
+
+def test_a_method_preset_overrides_the_table_preset() -> None:
+    import argparse
+
+    fidelity = _load()
+    args = argparse.Namespace(mobilenet_reg_weight=0.1, calib_samples=512, data=None, eval_samples=None,
+                              preset="cpu-fast", threads=1, runs_dir=None)
+
+    def spec(method: str) -> dict[str, object]:
+        return fidelity.run_spec(args, {}, "testing:tiny-resnet", (2, 4), method, fidelity.parse_method(method), 0,
+                                 adaround=False, evaluate_fp=False)
+
+    assert spec("qdrop")["preset"] == "cpu-fast"
+    assert spec("qdrop#official")["preset"] == "official" and spec("qdrop#official")["plugin"] == "qdrop"
+    assert spec("nearest")["preset"] is None
