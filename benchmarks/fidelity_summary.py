@@ -43,6 +43,9 @@ ORDERINGS: tuple[tuple[str, str, bool], ...] = (
 #: column order of the summary; other methods (variants such as ``qdrop@recon.cache=fp16``) follow, as first seen
 METHOD_ORDER = ("nearest", "adaround", "brecq", "qdrop", "pdquant", "mrecg+brecq", "mrecg+qdrop", "nwq",
                 "nearest@weight.granularity=per_tensor", "adaround@weight.granularity=per_tensor", "flexround")
+#: time to accuracy (issue 9): a fast preset must come within this many top-1 points of the method's official-default
+#: run (``METHOD#official``) in at most this share of its CPU time
+TTA_POINTS, TTA_SHARE = 0.3, 0.20
 README_BLOCK = re.compile(r"(<!-- fidelity: (?P<methods>[^>]*?) -->\n)(?P<body>.*?)(<!-- /fidelity -->)", re.S)
 
 
@@ -173,6 +176,26 @@ def ordering_lines(tables: Tables, model: str, methods: Sequence[str] | None = N
     return lines
 
 
+def time_to_accuracy_lines(tables: Tables, model: str) -> list[str]:
+    """Each method measured both with the table's fast preset and as ``METHOD#official``: the accuracy gap and
+    the share of the official run's CPU time (processor time: comparable across machine loads, unlike wall)."""
+    lines = []
+    for m, setting, label in sorted(tables.cells):
+        method, _, preset = label.partition("#")
+        if m != model or preset != "official" or (model, setting, method) not in tables.cells:
+            continue
+        fast, official = tables.cells[(model, setting, method)], tables.cells[(model, setting, label)]
+        gap = statistics.mean(fast.top1) - statistics.mean(official.top1)
+        official_cpu = statistics.mean(official.cpu_seconds)
+        share = statistics.mean(fast.cpu_seconds) / official_cpu if official_cpu > 0 else float("nan")
+        accuracy = "met" if round(gap, 2) >= -TTA_POINTS else "missed"  # as printed
+        speed = "met" if share <= TTA_SHARE else "missed"
+        lines.append(f"- {setting} {method}: fast preset {fast.text()} vs official {official.text()}: {gap:+.2f} "
+                     f"points (target: within {TTA_POINTS}: {accuracy}) in {100 * share:.1f} % of its CPU time "
+                     f"(target: at most {100 * TTA_SHARE:.0f} %: {speed})")
+    return lines
+
+
 def render(tables: Tables) -> str:
     out = ["# Fidelity summary: the zoo CNNs, every method measured so far", "",
            "Built by `python benchmarks/fidelity_summary.py` from the tables `benchmarks/results/fidelity-*.md` "
@@ -187,6 +210,10 @@ def render(tables: Tables) -> str:
         if lines:
             out += ["Orderings the papers claim (gain of the right-hand method over the left-hand one):", "", *lines,
                     ""]
+        tta = time_to_accuracy_lines(tables, model)
+        if tta:
+            out += ["Time to accuracy (the fast preset of the table against the official defaults, `METHOD#official`):",
+                    "", *tta, ""]
     notes = [f"- `{ALIASES[label]}`: {note}." for label, note in ALIAS_NOTES.items() if label in tables.aliased]
     if notes:
         out += ["Notes:", "", *notes, ""]

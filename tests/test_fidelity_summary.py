@@ -77,3 +77,23 @@ def test_a_broken_source_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("{not json")
     with pytest.raises(summary.SourceError, match="rerun benchmarks/fidelity.py"):
         summary.load([bad])
+
+
+def test_time_to_accuracy_against_the_official_run(tmp_path: Path) -> None:
+    summary = load_summary()
+    official = {"seed": 0, "quant": {"top1": 86.0}, "cpu_seconds": 1000.0}
+    path = _write(tmp_path / "fidelity-t.json", [
+        {"model": "m", "setting": "W2A4", "method": "qdrop", "runs": [_run(85.8), _run(85.6, 1)]},  # 10 CPU s each
+        {"model": "m", "setting": "W2A4", "method": "qdrop#official", "runs": [official]},
+        {"model": "m", "setting": "W2A4", "method": "brecq", "runs": [_run(85.0)]},
+        {"model": "m", "setting": "W2A4", "method": "brecq#official", "runs": [{**official, "cpu_seconds": 40.0}]},
+        {"model": "m", "setting": "W2A4", "method": "adaround#official", "runs": [official]},  # no fast row: skipped
+    ])
+    lines = summary.time_to_accuracy_lines(summary.load([path]), "m")
+    assert lines == [
+        "- W2A4 brecq: fast preset 85.00 vs official 86.00: -1.00 points (target: within 0.3: missed) in 25.0 % of "
+        "its CPU time (target: at most 20 %: missed)",
+        "- W2A4 qdrop: fast preset 85.70 (85.60..85.80) vs official 86.00: -0.30 points (target: within 0.3: met) in "
+        "1.0 % of its CPU time (target: at most 20 %: met)",
+    ]
+    assert "Time to accuracy" in summary.render(summary.load([path]))
