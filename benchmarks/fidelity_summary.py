@@ -38,11 +38,13 @@ ORDERINGS: tuple[tuple[str, str, bool], ...] = (
     ("nearest", "adaround", True), ("adaround", "brecq", True), ("brecq", "qdrop", False),
     ("qdrop", "pdquant", False), ("brecq", "mrecg+brecq", False), ("qdrop", "mrecg+qdrop", False),
     ("qdrop", "nwq", False), ("adaround@weight.granularity=per_tensor", "flexround", False),
+    ("qdrop@weight.granularity=per_tensor", "flexround", False),
     ("qdrop", "qdrop@recon.cache=fp16", False),
 )
 #: column order of the summary; other methods (variants such as ``qdrop@recon.cache=fp16``) follow, as first seen
 METHOD_ORDER = ("nearest", "adaround", "brecq", "qdrop", "pdquant", "mrecg+brecq", "mrecg+qdrop", "nwq",
-                "nearest@weight.granularity=per_tensor", "adaround@weight.granularity=per_tensor", "flexround")
+                "nearest@weight.granularity=per_tensor", "adaround@weight.granularity=per_tensor",
+                "qdrop@weight.granularity=per_tensor", "flexround")
 #: time to accuracy (issue 9): a fast preset must come within this many top-1 points of the method's official-default
 #: run (``METHOD#official``) in at most this share of its CPU time
 TTA_POINTS, TTA_SHARE = 0.3, 0.20
