@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,9 +11,10 @@ __all__ = ["to_device"]
 
 
 def to_device(x: Any, device: torch.device) -> Any:
-    """``x`` on ``device``: a tensor moved, a dict moved value by value (nested), anything else unchanged."""
+    """``x`` on ``device``: a tensor moved, a mapping (a dict, a tokenizer's ``BatchEncoding``) moved value by value
+    into a dict (nested), anything else unchanged."""
     if isinstance(x, torch.Tensor):
         return x.to(device)
-    if isinstance(x, dict):
+    if isinstance(x, Mapping):
         return {k: to_device(v, device) for k, v in x.items()}
     return x

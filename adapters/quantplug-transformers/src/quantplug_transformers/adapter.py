@@ -32,6 +32,7 @@ from torch import nn
 
 from quantplug.errors import ConfigError, DataError, ModelLoadError
 from quantplug.interfaces import ModelAdapter, UnitSpec
+from quantplug.tensors import to_device as _to
 from quantplug_transformers import hub
 from quantplug_transformers.structure import Layout, layout_of, linear_layers
 from quantplug_transformers.units import EmbeddingUnit, HeadUnit, LayerUnit, first_tensor
@@ -206,14 +207,6 @@ class TransformersAdapter(ModelAdapter):
         if "nll" in out:
             out["perplexity"] = math.exp(out.pop("nll"))
         return out
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, Mapping):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 def _is_token_targets(outputs: torch.Tensor, targets: Any) -> bool:
