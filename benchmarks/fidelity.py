@@ -55,9 +55,9 @@ def parse_method(text: str) -> dict[str, Any]:
     from quantplug.config import parse_override
 
     head, _, extra = text.partition("@")
-    head, _, preset = head.partition("#")
+    head, has_preset, preset = head.partition("#")
     plugin, _, base = head.partition("+")
-    if not plugin or "#" in preset or (preset == "" and "#" in text.split("@")[0]):
+    if not plugin or (has_preset and (not preset or "#" in preset)):
         raise argparse.ArgumentTypeError(f"methods look like PLUGIN[+BASE][#PRESET][@PATH=VALUE,...], got {text!r}")
     overrides = dict(parse_override(o) for o in extra.split(",") if o)
     return {"plugin": plugin, "base": base or None, "preset": preset or None, "overrides": overrides}

@@ -264,13 +264,12 @@ def main(argv: list[str] | None = None) -> int:
         text = readme.read_text()
         wanted[readme] = update_readme(text, tables)
     stale = [p for p, text in wanted.items() if not p.is_file() or p.read_text() != text]
+    from quantplug.export import atomic_write_text  # torch only when a file is written
     if args.check:
         for p in stale:
             print(f"out of date: {p.relative_to(ROOT)} (run python benchmarks/fidelity_summary.py)", file=sys.stderr)
         return 1 if stale else 0
     for p in stale:
-        from quantplug.export import atomic_write_text
-
         atomic_write_text(p, wanted[p])
         print(f"wrote {p.relative_to(ROOT)}")
     return 0

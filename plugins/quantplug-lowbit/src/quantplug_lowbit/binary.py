@@ -30,7 +30,7 @@ from torch import nn
 from quantplug.interfaces import Rounding, WeightRounder
 from quantplug.modules import QuantLayer
 from quantplug.quantizer import from_rows
-from quantplug_lowbit.grid import safe_scale
+from quantplug_lowbit.grid import layer_rows, safe_scale
 from quantplug_lowbit.rounder import SignCodeRounder
 from quantplug_lowbit.ste import sign_ste
 
@@ -58,15 +58,14 @@ class BinaryRounder(SignCodeRounder):
     """Per-layer binary state: fixed signs and scales, or a learned latent weight ``V`` (``learn_latent``)."""
 
     def __init__(self, layer: QuantLayer, config: BinaryRounding.Config, generator: torch.Generator | None) -> None:
-        super().__init__(layer, "binary rounding")
-        rows = self._rows
+        rows, spec = layer_rows(layer, "binary rounding")
+        super().__init__(layer, spec)
         scale = binary_scale(rows)
         signs = stochastic_binary_signs(rows, scale, generator) if config.stochastic else binary_signs(rows)
         self.register_buffer("scale", safe_scale(scale))
         self.register_buffer("signs", signs)
         if config.learn_latent:
-            self.learn_latent(self.scale.clone())
-        del self._rows
+            self.learn_latent(rows, self.scale.clone())
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Signs (``[rows, n]``) and scales (``[rows]``) the layer would be hardened to now."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from quantplug.config import QuantSpec
 from quantplug.interfaces import WeightRounder
 from quantplug.modules import QuantLayer
 from quantplug.quantizer import from_rows
-from quantplug_lowbit.grid import layer_rows, sign_zero_point
+from quantplug_lowbit.grid import sign_zero_point
 
 __all__ = ["SignCodeRounder"]
 
@@ -20,19 +21,18 @@ class SignCodeRounder(WeightRounder):
     every layer) the codes and scales follow ``V``; without one they are fixed at attach time.
     """
 
-    def __init__(self, layer: QuantLayer, what: str) -> None:
+    def __init__(self, layer: QuantLayer, spec: QuantSpec) -> None:
         super().__init__()
         self.layer = [layer]  # a list keeps the layer out of this module's children
-        rows, spec = layer_rows(layer, what)
         self.spec = spec
         self.zero_point = float(sign_zero_point(spec))
         self.latent: nn.Parameter | None = None
-        self._rows = rows  # the full-precision rows, for the subclass's initialization only
 
-    def learn_latent(self, unit: torch.Tensor) -> None:
-        """Train a latent weight ``V = W / unit`` (per row) through the codes with the reconstruction loss."""
+    def learn_latent(self, rows: torch.Tensor, unit: torch.Tensor) -> None:
+        """Train a latent weight ``V = W / unit`` (per row of ``rows``, the full-precision weight) through the
+        codes with the reconstruction loss."""
         self.register_buffer("unit", unit)
-        self.latent = nn.Parameter(self._rows / unit[:, None])
+        self.latent = nn.Parameter(rows / unit[:, None])
 
     def _latent_rows(self) -> torch.Tensor:
         assert self.latent is not None

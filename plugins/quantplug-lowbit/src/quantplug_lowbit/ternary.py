@@ -26,7 +26,7 @@ from quantplug.errors import ConfigError
 from quantplug.interfaces import Rounding, WeightRounder
 from quantplug.modules import QuantLayer
 from quantplug.quantizer import from_rows
-from quantplug_lowbit.grid import safe_scale
+from quantplug_lowbit.grid import layer_rows, safe_scale
 from quantplug_lowbit.rounder import SignCodeRounder
 from quantplug_lowbit.ste import ternary_ste
 
@@ -56,15 +56,14 @@ class TernaryRounder(SignCodeRounder):
     """Per-layer ternary state: fixed codes and scales, or a learned latent weight ``V`` (``learn_latent``)."""
 
     def __init__(self, layer: QuantLayer, config: TernaryRounding.Config) -> None:
-        super().__init__(layer, "ternary rounding")
-        rows = self._rows
+        rows, spec = layer_rows(layer, "ternary rounding")
+        super().__init__(layer, spec)
         self.factor = config.threshold_factor
         codes = twn_codes(rows, twn_threshold(rows, self.factor))
         self.register_buffer("codes", codes)
         self.register_buffer("scale", safe_scale(twn_scale(rows, codes)))
         if config.learn_latent:
-            self.learn_latent(safe_scale(rows.abs().mean(dim=1)))  # |V| ~ 1 in these units
-        del self._rows
+            self.learn_latent(rows, safe_scale(rows.abs().mean(dim=1)))  # |V| ~ 1 in these units
 
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (``[rows, n]`` in {-1, 0, 1}) and scales (``[rows]``) the layer would be hardened to now."""
