@@ -93,10 +93,12 @@ class Tables:
 
 
 def load(paths: Sequence[Path] | None = None) -> Tables:
-    """All runs without errors; a (model, setting, method) measured in several files is taken from the file that
-    has the most seeds of it (files reuse each other's runs, so their numbers agree)."""
+    """All runs without errors. A (model, setting, method) measured in several files takes the union of their seeds
+    (so two processes can share a table's seeds, each writing its own file); a seed found in several files is taken
+    from the file with the most seeds of that cell (files reuse each other's runs, so their numbers agree). Runs of
+    one cell recorded with different configurations are an error: such a variant needs its own method label."""
     paths = list(paths) if paths is not None else sorted(RESULTS.glob("fidelity-*.json"))
-    cells: dict[tuple[str, str, str], Cell] = {}
+    found: dict[tuple[str, str, str], list[tuple[str, list[dict]]]] = {}
     fp: dict[str, float] = {}
     commands: dict[str, list[str]] = {}
     aliased: set[str] = set()
@@ -117,12 +119,27 @@ def load(paths: Sequence[Path] | None = None) -> Tables:
             method = ALIASES.get(row["method"], row["method"])
             if method != row["method"]:
                 aliased.add(row["method"])
-            cell = Cell([run["quant"]["top1"] for run in ok], [run.get("cpu_seconds", 0.0) for run in ok],
-                        path.with_suffix(".md").name)
-            key = (row["model"], row["setting"], method)
-            if key not in cells or len(cell.top1) > len(cells[key].top1):
-                cells[key] = cell
-    return Tables(cells, fp, commands, aliased)
+            found.setdefault((row["model"], row["setting"], method), []).append((path.with_suffix(".md").name, ok))
+    return Tables({key: merged_cell(key, sources) for key, sources in found.items()}, fp, commands, aliased)
+
+
+def merged_cell(key: tuple[str, str, str], sources: list[tuple[str, list[dict]]]) -> Cell:
+    """One cell from the runs several files hold of it: seeds in order, each from the file with the most seeds."""
+    by_seed: dict[int, dict] = {}
+    used: list[str] = []
+    for name, runs in sorted(sources, key=lambda source: -len(source[1])):
+        fresh = [run for run in runs if run["seed"] not in by_seed]
+        by_seed.update((run["seed"], run) for run in fresh)
+        if fresh:
+            used.append(name)
+    configs = {json.dumps(run["config"], sort_keys=True) for run in by_seed.values() if run.get("config")}
+    if len(configs) > 1:
+        raise SourceError(f"{' / '.join(key)}: {', '.join(used)} hold runs of this cell with different "
+                          f"configurations ({' vs '.join(sorted(configs))}); give the variant its own method label "
+                          "(METHOD@path=value) or rerun it with the same options")
+    runs = [by_seed[seed] for seed in sorted(by_seed)]
+    return Cell([run["quant"]["top1"] for run in runs], [run.get("cpu_seconds", 0.0) for run in runs],
+                ", ".join(used))
 
 
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:

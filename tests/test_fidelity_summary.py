@@ -71,6 +71,27 @@ def test_tables_orderings_and_readme_blocks(tmp_path: Path) -> None:
     assert summary.update_readme(updated, tables) == updated
 
 
+def test_a_cell_takes_the_union_of_the_seeds_of_several_files(tmp_path: Path) -> None:
+    summary = load_summary()
+    config = {"plugin": "qdrop", "calib": 512}
+    first = _write(tmp_path / "fidelity-a.json", [
+        {"model": "m", "setting": "W2A4", "method": "qdrop",
+         "runs": [{**_run(85.0, s), "config": config} for s in (0, 1, 3)]},
+    ])
+    second = _write(tmp_path / "fidelity-b.json", [  # seed 1 again (reused, another number here) and a new seed 2
+        {"model": "m", "setting": "W2A4", "method": "qdrop",
+         "runs": [{**_run(10.0, 1), "config": config}, {**_run(86.0, 2), "config": config}]},
+    ])
+    cell = summary.load([second, first]).cells[("m", "W2A4", "qdrop")]
+    assert cell.top1 == [85.0, 85.0, 86.0, 85.0] and cell.source == "fidelity-a.md, fidelity-b.md"
+
+    other = _write(tmp_path / "fidelity-c.json", [
+        {"model": "m", "setting": "W2A4", "method": "qdrop", "runs": [{**_run(80.0, 5), "config": {"calib": 64}}]},
+    ])
+    with pytest.raises(summary.SourceError, match="different configurations.*own method label"):
+        summary.load([first, other])
+
+
 def test_a_broken_source_is_a_clear_error(tmp_path: Path) -> None:
     summary = load_summary()
     bad = tmp_path / "fidelity-x.json"
