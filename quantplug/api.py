@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from quantplug.calibrate import calibrate_activations, calibrate_weights
 from quantplug.config import Recipe
+from quantplug.distributed import init_from_environment, is_main_process, shard_indices, world
 from quantplug.engine import ReconstructionEngine, RunContext, UnitRecord, describe_memory
 from quantplug.errors import ConfigError, DataError
 from quantplug.evaluate import compare, evaluate
@@ -161,7 +162,7 @@ def apply(
     session = session or Session()
     recipe = resolve(session, plugin, base=base, preset=preset, overrides=overrides or {})
     model_id = model_id or session.default_model_id()
-    dev = _device(device)
+    dev = init_from_environment(_device(device))  # joins torchrun's process group, if launched by it
     torch.manual_seed(recipe.calib.seed)
     adapter = session.adapter_for(model_id)
     data = data or adapter.default_data(model_id)
@@ -173,6 +174,9 @@ def apply(
     calib = _batches(calib_set, recipe.calib.batch_size)
     calib_inputs = [b[0] for b in calib]
     calib_targets = [b[1] for b in calib]
+    # data-parallel: observers and passes see every sample, the unit caches only this rank's shard
+    shard = calib if world()[1] == 1 else _batches(Subset(calib_set, shard_indices(len(calib_set))),
+                                                     recipe.calib.batch_size)
     passes = ModelPasses(session, recipe, adapter, calib_inputs, calib_targets, dev)
     fp_model, q_model = build_quant_model(adapter, model_id, recipe, dev, model_options,
                                           float_passes=lambda m: passes.run("float", m, fp_model=m))
@@ -181,8 +185,9 @@ def apply(
     scheduler.bind(fp_model)
     plan = scheduler.plan(blocks)
     ckpt = (os.path.abspath(out_dir) + ".checkpoint") if out_dir else None
-    run = RunContext(session, recipe, adapter, fp_model, q_model, blocks, calib_inputs, calib_targets, dev,
-                     seed=recipe.calib.seed, checkpoint_dir=ckpt, plan=plan, model_id=model_id)
+    run = RunContext(session, recipe, adapter, fp_model, q_model, blocks, [b[0] for b in shard],
+                     [b[1] for b in shard], dev, seed=recipe.calib.seed, checkpoint_dir=ckpt, plan=plan,
+                     model_id=model_id)
     policy = session.make("activation_policy", recipe.activation_policy)
     memory = describe_memory(run, plan, recipe.recon.cache, policy.needs_fp_inputs)
     logger.info(memory)
@@ -215,6 +220,10 @@ def apply(
         calibrate_activations(q_model, adapter, calib, session, recipe, dev, weights_quantized=True)
     passes.run("quantized", q_model, fp_model=fp_model)
     q_model.eval()
+    result.records, result.model = records, q_model
+    if not is_main_process():  # every rank holds the same model: rank 0 evaluates and saves it
+        result.seconds = time.perf_counter() - t0
+        return result
     test_set = source.load(data, "test", num_samples=eval_samples, seed=0)
     test = _batches(test_set, max(recipe.calib.batch_size, 64))
     fp_metrics = evaluate(fp_model, adapter, test, dev, "evaluate fp") if evaluate_fp else {}

@@ -73,8 +73,11 @@ def _stderr(message: str) -> None:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    import torch
+
     from quantplug.api import apply, cli_overrides
     from quantplug.config import parse_override
+    from quantplug.distributed import init_from_environment, is_main_process, shutdown
 
     overrides = cli_overrides(w_bits=args.w_bits, a_bits=args.a_bits, calib_samples=args.calib_samples,
                               batch_size=args.batch_size, iters=args.iters, seed=args.seed, cache=args.cache)
@@ -82,10 +85,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
     session = _session()
     model_id = args.model_id or session.default_model_id()
     out = None if args.no_save or args.dry_run else (args.out or _default_out(args.plugin, model_id))
-    result = apply(args.plugin, model_id, data=args.data, base=args.base, preset=args.preset, overrides=overrides,
-                   device=args.device, out_dir=out, eval_samples=args.eval_samples, resume=args.resume,
-                   dry_run=args.dry_run, report=None if args.dry_run else _stderr, session=session,
-                   model_options=_model_options(args))
+    device = init_from_environment(torch.device(args.device))  # under torchrun: one rank of a data-parallel run
+    try:
+        result = apply(args.plugin, model_id, data=args.data, base=args.base, preset=args.preset,
+                       overrides=overrides, device=str(device), out_dir=out, eval_samples=args.eval_samples,
+                       resume=args.resume, dry_run=args.dry_run,
+                       report=_stderr if not args.dry_run and is_main_process() else None, session=session,
+                       model_options=_model_options(args))
+    finally:
+        main_process = is_main_process()
+        shutdown()
+    if not main_process:  # rank 0 reports and saves
+        return 0
     if args.dry_run:
         info = {"recipe": result.recipe.to_dict(), "plan": result.plan, "memory": result.memory,
                 "model_id": model_id}

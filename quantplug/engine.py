@@ -20,6 +20,7 @@ from torch import nn
 
 from quantplug.cache import BYTES, TensorCache, human_bytes
 from quantplug.config import Recipe
+from quantplug.distributed import any_rank, average_gradients, batch_per_rank, is_main_process, sum_over_ranks
 from quantplug.errors import ArtifactError, IncompatibleComponentsError
 from quantplug.interfaces import (
     ActivationPolicy,
@@ -270,7 +271,7 @@ class ReconstructionEngine:
 
     def save_checkpoint(self, next_index: int) -> None:
         path = self._ckpt_path()
-        if path is None:
+        if path is None or not is_main_process():  # every rank holds the same state: rank 0 writes it
             return
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp"
@@ -435,7 +436,7 @@ class ReconstructionEngine:
         needs_quantized = bool(getattr(self.loss, "needs_quantized_output", False))
         mixing = any(q.mixer is not None or q.selector is not None for q in act_quantizers)
         n = inputs.num
-        batch = min(recon.batch_size, n)
+        batch = min(batch_per_rank(recon.batch_size), n)  # this rank's share of the step's batch
         bar = progress_bar(range(iters), desc=f"reconstruct {unit.name}", unit="it")
         try:
             for it in bar:
@@ -462,11 +463,12 @@ class ReconstructionEngine:
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 total.backward()
+                average_gradients(round_params + step_params)  # data-parallel: every rank takes the same step
                 for opt in optimizers:
                     opt.step()
                 for sched in schedulers:
                     sched.step()
-                if it % 50 == 0 and not math.isfinite(float(loss.detach())):
+                if it % 50 == 0 and any_rank(not math.isfinite(float(loss.detach())), device):
                     raise FloatingPointError(f"reconstruction loss of unit {unit.name} became {float(loss)}")
                 if it % max(1, recon.log_every // 10) == 0:
                     bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
@@ -487,6 +489,7 @@ class ReconstructionEngine:
             loss = self.loss(out, y, ctx)
             total += float(loss) * (sl.stop - sl.start)
             count += sl.stop - sl.start
+        total, count = sum_over_ranks([total, count], self.run.device)  # the mean over every rank's samples
         return total / max(count, 1)
 
 
