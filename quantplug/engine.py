@@ -20,7 +20,14 @@ from torch import nn
 
 from quantplug.cache import BYTES, TensorCache, human_bytes
 from quantplug.config import Recipe
-from quantplug.distributed import any_rank, average_gradients, batch_per_rank, is_main_process, sum_over_ranks
+from quantplug.distributed import (
+    any_rank,
+    average_gradients,
+    batch_per_rank,
+    is_main_process,
+    sum_over_ranks,
+    world,
+)
 from quantplug.errors import ArtifactError, IncompatibleComponentsError
 from quantplug.interfaces import (
     ActivationPolicy,
@@ -521,4 +528,6 @@ def quantized_forward(module: nn.Module, x: Any, act_quantizers: Sequence[Any]) 
 def describe_memory(run: RunContext, plan: Sequence[ReconUnit], cache_mode: str, needs_fp_inputs: bool) -> str:
     peak = estimate_cache_bytes(run, plan, cache_mode, needs_fp_inputs)
     where = "on disk" if cache_mode == "disk" else "in RAM"
-    return f"reconstruction cache: up to {human_bytes(peak)} {where} ({cache_mode})"
+    processes = world()[1]
+    share = f" per process ({processes} processes, each caching its shard)" if processes > 1 else ""
+    return f"reconstruction cache: up to {human_bytes(peak)} {where} ({cache_mode}){share}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,15 +93,33 @@ def test_a_launcher_without_its_variables_is_a_clear_error(monkeypatch: pytest.M
         distributed.init_from_environment(torch.device("cpu"))
 
 
+def _quantplug(args: list[str], cwd: Path, processes: int = 1) -> subprocess.CompletedProcess[str]:
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    launcher = launcher if processes > 1 else []
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QUANTPLUG_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, *launcher, "-m", "quantplug", *args], capture_output=True, text=True,
+                          env=env, timeout=600, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_torchrun_cli(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "QUANTPLUG_PROGRESS": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "quantplug",
-         "apply", "testing:tiny-resnet", "--plugin", "adaround", "--w-bits", "3", "--iters", "20",
-         "--calib-samples", "32", "--eval-samples", "64", "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _quantplug(["apply", "testing:tiny-resnet", "--plugin", "adaround", "--w-bits", "3", "--iters", "20",
+                       "--calib-samples", "32", "--eval-samples", "64", "--out", str(out)], tmp_path, processes=2)
     assert proc.stdout.count("adaround on testing:tiny-resnet") == 1  # rank 0 reports, rank 1 stays quiet
+    assert "per process (2 processes, each caching its shard)" in proc.stderr
     assert (out / "quantplug.json").is_file() and not Path(f"{out}.checkpoint").exists()
+
+
+def test_each_process_caches_half(tmp_path: Path) -> None:
+    args = ["apply", "testing:tiny-resnet", "--plugin", "qdrop", "--calib-samples", "256", "--dry-run", "--json"]
+    one = json.loads(_quantplug(args, tmp_path).stdout)["memory"]
+    two = json.loads(_quantplug(args, tmp_path, processes=2).stdout)["memory"]
+    assert _bytes(two) == pytest.approx(_bytes(one) / 2, rel=0.01), (one, two)
+
+
+def _bytes(memory: str) -> float:
+    found = re.search(r"up to ([0-9.]+) (KiB|MiB|GiB)", memory)
+    assert found, memory
+    return float(found[1]) * 1024 ** ("KiB", "MiB", "GiB").index(found[2])
