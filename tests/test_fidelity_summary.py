@@ -106,15 +106,20 @@ def test_time_to_accuracy_against_the_official_run(tmp_path: Path) -> None:
     path = _write(tmp_path / "fidelity-t.json", [
         {"model": "m", "setting": "W2A4", "method": "qdrop", "runs": [_run(85.8), _run(85.6, 1)]},  # 10 CPU s each
         {"model": "m", "setting": "W2A4", "method": "qdrop#official", "runs": [official]},
+        {"model": "m", "setting": "W2A4", "method": "qdrop#cpu-fast",
+         "runs": [{**_run(86.1), "cpu_seconds": 150.0}]},
+        {"model": "m", "setting": "W2A4", "method": "qdropx", "runs": [_run(70.0)]},  # another method: not paired
         {"model": "m", "setting": "W2A4", "method": "brecq", "runs": [_run(85.0)]},
         {"model": "m", "setting": "W2A4", "method": "brecq#official", "runs": [{**official, "cpu_seconds": 40.0}]},
         {"model": "m", "setting": "W2A4", "method": "adaround#official", "runs": [official]},  # no fast row: skipped
     ])
     lines = summary.time_to_accuracy_lines(summary.load([path]), "m")
     assert lines == [
-        "- W2A4 brecq: fast preset 85.00 vs official 86.00: -1.00 points (target: within 0.3: missed) in 25.0 % of "
-        "its CPU time (target: at most 20 %: missed)",
-        "- W2A4 qdrop: fast preset 85.70 (85.60..85.80) vs official 86.00: -0.30 points (target: within 0.3: met) in "
-        "1.0 % of its CPU time (target: at most 20 %: met)",
+        "- W2A4 brecq, the table's schedule: 85.00 vs official 86.00: -1.00 points (target: within 0.3: missed) in "
+        "25.0 % of its CPU time (target: at most 20 %: missed)",
+        "- W2A4 qdrop, the table's schedule: 85.70 (85.60..85.80) vs official 86.00: -0.30 points (target: within "
+        "0.3: met) in 1.0 % of its CPU time (target: at most 20 %: met)",
+        "- W2A4 qdrop, preset cpu-fast: 86.10 vs official 86.00: +0.10 points (target: within 0.3: met) in 15.0 % "
+        "of its CPU time (target: at most 20 %: met)",
     ]
     assert "Time to accuracy" in summary.render(summary.load([path]))
