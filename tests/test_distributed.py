@@ -126,12 +126,17 @@ def _bytes(memory: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("plugin, base", [("adaround", None), ("brecq", None), ("flexround", None),
-                                          ("pdquant", None), ("nwq", None), ("mrecg", "qdrop")])
-def test_every_reconstruction_recipe_keeps_the_ranks_in_step(plugin: str, base: str | None, tmp_path: Path) -> None:
+@pytest.mark.parametrize("plugin, base, model_id", [
+    ("adaround", None, "testing:tiny-resnet"), ("brecq", None, "testing:tiny-resnet"),
+    ("flexround", None, "testing:tiny-resnet"), ("pdquant", None, "testing:tiny-resnet"),
+    ("nwq", None, "testing:tiny-resnet"), ("mrecg", "qdrop", "testing:tiny-resnet"),
+    ("flexround", None, "testing:tiny-decoder"),
+])
+def test_every_reconstruction_recipe_keeps_the_ranks_in_step(plugin: str, base: str | None, model_id: str,
+                                                             tmp_path: Path) -> None:
     # the components of each method (roundings, losses with extras, data transforms, policies, schedulers) keep
     # no state that differs between ranks and change parameters only through their averaged gradients
-    ranks = run_data_parallel(tmp_path, plugin=plugin, base=base, model_id="testing:tiny-resnet", evaluate_fp=False,
+    ranks = run_data_parallel(tmp_path, plugin=plugin, base=base, model_id=model_id, evaluate_fp=False,
                               eval_samples=64, overrides={"weight.bits": 2, "activation.bits": 4, "recon.iters": 12,
                                                           "recon.act_iters": 6, "calib.num_samples": 32,
                                                           "recon.batch_size": 8})
