@@ -441,11 +441,17 @@ class ReconstructionEngine:
             schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters, eta_min=0.0))
         self.policy.begin(act_quantizers, generator)
         needs_quantized = bool(getattr(self.loss, "needs_quantized_output", False))
+        keeps_policy = needs_quantized and bool(getattr(self.loss, "quantized_output_keeps_policy", False))
         mixing = any(q.mixer is not None or q.selector is not None for q in act_quantizers)
         n = inputs.num
         batch = min(batch_per_rank(recon.batch_size), n)  # this rank's share of the step's batch
         bar = progress_bar(range(iters), desc=f"reconstruct {unit.name}", unit="it")
         try:
+            if keeps_policy and (fp_inputs is not None or mixing) and not self.policy.controls_unit_entry:
+                raise IncompatibleComponentsError(
+                    f"loss {self.loss.name!r} wants its second output with the policy's mixing kept inside the unit, "
+                    f"which activation policy {self.policy.name!r} cannot do; use the drop policy (QDrop) or the "
+                    "loss option that switches the policy off for that output")
             for it in bar:
                 progress = it / iters
                 idx = torch.randint(n, (batch,), generator=generator)
@@ -459,7 +465,8 @@ class ReconstructionEngine:
                 out = module(x)
                 quantized_out = None
                 if needs_quantized and (fp_inputs is not None or mixing):
-                    quantized_out = quantized_forward(module, x_quant, act_quantizers)
+                    quantized_out = (self._entry_quantized_forward(module, x_quant) if keeps_policy
+                                     else quantized_forward(module, x_quant, act_quantizers))
                 ctx = LossContext({k: v[idx].to(device) for k, v in extras.items()}, progress, quantized_out)
                 loss = self.loss(out, y, ctx)
                 total = loss
@@ -482,6 +489,14 @@ class ReconstructionEngine:
         finally:
             bar.close()
             self.policy.end(act_quantizers)
+
+    def _entry_quantized_forward(self, module: nn.Module, x: Any) -> Any:
+        """``module(x)`` with the unit's input quantized in full and the policy's mixing inside the unit kept."""
+        self.policy.quantize_unit_entry(True)
+        try:
+            return module(x)
+        finally:
+            self.policy.quantize_unit_entry(False)
 
     @torch.no_grad()
     def evaluate_loss(self, module: nn.Module, inputs: TensorCache, targets: TensorCache,

@@ -136,8 +136,10 @@ class LossContext:
     """Per-batch extras a loss may use: cached tensors it asked for, and the iteration progress.
 
     ``quantized_output`` is set only for a loss whose ``needs_quantized_output`` is True, and only while an
-    activation policy mixes in full precision (QDrop's drop): the unit's output for the same batch with
-    every activation quantized (policy off). ``None`` otherwise, when the output already is that.
+    activation policy mixes in full precision (QDrop's drop): the unit's output for the same batch on its
+    quantized input, with every activation quantized (policy off), or, for a loss whose
+    ``quantized_output_keeps_policy`` is True, with the unit's input quantized in full and the policy's
+    mixing inside the unit left on. ``None`` otherwise, when the output already is that.
     """
 
     extras: Mapping[str, torch.Tensor] = field(default_factory=dict)
@@ -155,6 +157,10 @@ class ReconstructionLoss(Component):
     #: and passes that output as ``LossContext.quantized_output`` (PD-Quant's second term). May be an
     #: instance attribute when a config option decides it.
     needs_quantized_output: bool = False
+    #: with ``needs_quantized_output``: True keeps the activation policy's mixing inside the unit for that second
+    #: output and only quantizes the unit's input in full (PD-Quant's released code); needs a policy whose
+    #: ``controls_unit_entry`` is True
+    quantized_output_keeps_policy: bool = False
 
     def capture_extras(self, run: Any, unit: Any) -> Mapping[str, torch.Tensor]:
         """Per-sample tensors ``[num_calibration_samples, ...]`` for ``unit`` (e.g. squared task-loss
@@ -229,9 +235,17 @@ class ActivationPolicy(Component):
     def step(self, progress: float) -> None:
         """Called before each iteration with progress in [0, 1]."""
 
+    #: True if ``quantize_unit_entry`` is implemented (the unit's input can be quantized in full while the mixing
+    #: inside the unit goes on)
+    controls_unit_entry: ClassVar[bool] = False
+
     def mix_unit_input(self, quant_input: torch.Tensor, fp_input: torch.Tensor | None) -> torch.Tensor:
         """The unit's input for this iteration, from the quantized-model and full-precision inputs."""
         return quant_input
+
+    def quantize_unit_entry(self, in_full: bool) -> None:
+        """While ``in_full``: quantizers reading the unit's input quantize every element; others mix as usual."""
+        raise NotImplementedError(f"activation policy {self.name!r} does not control the unit's entry")
 
     def end(self, quantizers: Sequence[nn.Module]) -> None:
         """Restore plain quantization after the unit is done."""

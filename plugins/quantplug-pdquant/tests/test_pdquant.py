@@ -167,6 +167,48 @@ def test_engine_gives_pd_the_output_of_the_purely_quantized_input(monkeypatch: p
     assert seen and not any(given for given, _ in seen)
 
 
+def test_released_code_branch_keeps_the_drop_inside_the_unit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pd_input="quantized_with_drop": the second forward quantizes the unit input in full, the drop stays on."""
+    from quantplug_qdrop import DropPolicy
+
+    from quantplug.api import apply
+
+    entry: list[bool] = []
+    masks: list[tuple[bool, bool]] = []  # (unit input?, every element quantized?) while the entry is in full
+    original_select = DropPolicy.select
+
+    def toggling(self, in_full):  # type: ignore[no-untyped-def]
+        entry.append(in_full)
+        self._entry_in_full = in_full
+
+    def selecting(self, x):  # type: ignore[no-untyped-def]
+        mask, keep = original_select(self, x)
+        if self._entry_in_full:
+            masks.append((x is self._unit_input, bool(mask.all())))
+        return mask, keep
+
+    monkeypatch.setattr(DropPolicy, "quantize_unit_entry", toggling)
+    monkeypatch.setattr(DropPolicy, "select", selecting)
+    overrides = {"recon.iters": 3, "calib.num_samples": 64, "weight.bits": 2, "activation.bits": 2,
+                 "data_transforms": [], "loss.options.pd_input": "quantized_with_drop"}
+    result = apply("pdquant", MODEL, overrides=overrides, evaluate_fp=False, eval_samples=64)
+    learned_units = sum(1 for r in result.records if r.iters)
+    assert entry == [True, False] * 3 * learned_units  # on for the second forward of every step, then off
+    assert any(unit_input and full for unit_input, full in masks)  # the unit input: quantized in full
+    assert any(not unit_input and not full for unit_input, full in masks)  # inside: still dropped
+    assert not any(unit_input and not full for unit_input, full in masks)
+
+
+def test_released_code_branch_needs_a_policy_that_controls_the_entry() -> None:
+    from quantplug.api import apply
+
+    overrides = {"recon.iters": 2, "calib.num_samples": 32, "weight.bits": 2, "activation.bits": 4,
+                 "data_transforms": [], "loss.options.pd_input": "quantized_with_drop",
+                 "activation_policy": {"name": "annealing-mixup"}}
+    with pytest.raises(IncompatibleComponentsError, match="drop policy"):
+        apply("pdquant", MODEL, overrides=overrides, evaluate_fp=False, eval_samples=32)
+
+
 def test_pd_needs_block_units(run: RunContext) -> None:
     with pytest.raises(IncompatibleComponentsError, match="block"):
         PredictionDifferenceLoss().capture_extras(run, ReconUnit("stem.conv", layer="stem.conv"))

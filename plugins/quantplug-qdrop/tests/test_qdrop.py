@@ -46,6 +46,40 @@ def test_unit_input_mixes_quantized_with_full_precision_input() -> None:
     assert torch.equal(inner.unique(), torch.tensor([1.0, 1.3]))
 
 
+def test_entry_in_full_quantizes_the_unit_input_and_keeps_the_drop_inside() -> None:
+    q = _quantizer()
+    policy = DropPolicy()
+    assert policy.controls_unit_entry
+    policy.begin([q], torch.Generator().manual_seed(2))
+    x_q, x_fp = torch.full((10_000,), 1.3), torch.full((10_000,), 2.7)
+    policy.mix_unit_input(x_q, x_fp)
+    policy.quantize_unit_entry(True)
+    assert torch.equal(q(x_q).unique(), torch.tensor([1.0]))  # every element of the unit input quantized
+    inner = q(torch.full((10_000,), 1.3))
+    assert torch.equal(inner.unique(), torch.tensor([1.0, 1.3]))  # inside the unit: still dropped
+    assert abs((inner == 1.0).float().mean().item() - 0.5) < 0.02
+    policy.quantize_unit_entry(False)
+    assert torch.equal(q(x_q).unique(), torch.tensor([1.0, 2.7]))  # back to mixing with the fp input
+    policy.quantize_unit_entry(True)
+    policy.end([q])
+    assert not policy._entry_in_full
+
+
+def test_weight_only_runs_mix_the_unit_input_only_when_asked() -> None:
+    x_q, x_fp = torch.full((10_000,), 1.3), torch.full((10_000,), 2.7)
+    plain = DropPolicy()
+    plain.begin([], torch.Generator().manual_seed(3))
+    assert plain.mix_unit_input(x_q, x_fp) is x_q  # the default: no quantizer, no mixing
+    mixing = DropPolicy(DropPolicy.make_config({"mix_weight_only_inputs": True}))
+    mixing.begin([], torch.Generator().manual_seed(3))
+    mixed = mixing.mix_unit_input(x_q, x_fp)
+    assert torch.equal(mixed.unique(), torch.tensor([1.3, 2.7]))
+    assert abs((mixed == 1.3).float().mean().item() - 0.5) < 0.02
+    with_quantizer = DropPolicy(DropPolicy.make_config({"mix_weight_only_inputs": True}))
+    with_quantizer.begin([_quantizer()], torch.Generator().manual_seed(3))
+    assert with_quantizer.mix_unit_input(x_q, x_fp) is x_q  # activations quantized: the entry quantizer mixes
+
+
 def test_same_generator_same_masks() -> None:
     outs = []
     for _ in range(2):

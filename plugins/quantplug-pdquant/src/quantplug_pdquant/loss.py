@@ -6,9 +6,11 @@ As in ``quant/block_recon.py`` (``LossFunction.__call__`` and the loop of ``bloc
 
 * ``lp_loss`` is ``(z_drop - z_fp).abs().pow(2).sum(1).mean()`` on the unit (block) output (quantplug's
   ``mse``); ``z_drop`` is the output for QDrop's drop-mixed input (``out_drop``);
-* ``z_quant`` is the output for the purely quantized input (``out_quant``; the code concatenates both inputs
-  into one batch): the engine runs the unit a second time with the drop switched off
-  (``needs_quantized_output``; option ``pd_input="mixed"`` uses ``z_drop`` for both terms instead);
+* ``z_quant`` is the output for the quantized input (``out_quant``; the code concatenates both inputs into one
+  batch): the engine runs the unit a second time (``needs_quantized_output``). By default with the drop switched
+  off, so the KL term scores the unit as it will be deployed; the code keeps the drop on inside the block for that
+  half (only its input is unmixed, the quantized-model input), which option ``pd_input="quantized_with_drop"``
+  reproduces; ``pd_input="mixed"`` uses ``z_drop`` for both terms (one forward per step);
 * the KL divergence is ``nn.KLDivLoss(reduction='batchmean')`` of ``log_softmax(q / T)`` against
   ``softmax(fp / T)`` over the class dimension (no ``T^2`` factor), divided by ``lambda_r`` (0.1);
 * ``fp_logits`` are the full-precision network's logits of the calibration samples, captured once per unit;
@@ -41,6 +43,8 @@ from quantplug.tensors import to_device as _to_device
 __all__ = ["PredictionDifferenceLoss", "kl_prediction_difference", "rest_of_network", "fp_logits"]
 
 logger = logging.getLogger(__name__)
+#: values of the ``pd_input`` option (see ``PredictionDifferenceLoss.Config``)
+PD_INPUTS = ("quantized", "quantized_with_drop", "mixed")
 
 
 def rest_of_network(run: Any, unit: ReconUnit) -> nn.Module:
@@ -87,8 +91,9 @@ class PredictionDifferenceLoss(ReconstructionLoss):
         temperature: float = 4.0  # T; 1.0 for MobileNetV2 / MnasNet (run_script.py)
         lambda_r: float = 0.1  # main_imagenet.py --lamb_r; the KL term is divided by it
         p: float = 2.0  # lp_loss exponent of the regularization term
-        #: which unit output the KL term sees while QDrop's drop is active: "quantized" (the code's
-        #: ``out_quant``: the unit run again on its quantized input, every activation quantized) or
+        #: which unit output the KL term sees while QDrop's drop is active: "quantized" (the unit run again on
+        #: its quantized input, every activation quantized), "quantized_with_drop" (the code's ``out_quant``
+        #: exactly: run again on the quantized input quantized in full, the drop inside the unit still on) or
         #: "mixed" (the drop-mixed output the MSE term sees; one forward per step, cheaper)
         pd_input: str = "quantized"
 
@@ -99,9 +104,10 @@ class PredictionDifferenceLoss(ReconstructionLoss):
         if not self.config.lambda_r > 0:
             raise ConfigError(f"pd lambda_r must be positive (the KL term is divided by it), "
                               f"got {self.config.lambda_r}")
-        if self.config.pd_input not in ("quantized", "mixed"):
-            raise ConfigError(f"pd pd_input must be 'quantized' or 'mixed', got {self.config.pd_input!r}")
-        self.needs_quantized_output = self.config.pd_input == "quantized"
+        if self.config.pd_input not in PD_INPUTS:
+            raise ConfigError(f"pd pd_input must be one of {', '.join(PD_INPUTS)}; got {self.config.pd_input!r}")
+        self.needs_quantized_output = self.config.pd_input != "mixed"
+        self.quantized_output_keeps_policy = self.config.pd_input == "quantized_with_drop"
         self._lp = LpLoss(LpLoss.Config(p=self.config.p))
         self.rest: nn.Module | None = None
         self._logits: torch.Tensor | None = None

@@ -34,11 +34,16 @@ class DropPolicy(ActivationPolicy):
 
     name = "drop"
     needs_fp_inputs = True
+    controls_unit_entry = True
 
     @dataclass(frozen=True)
     class Config:
         prob: float = 0.5  # probability that an element is quantized
         input_mixing: bool = True  # unit input: dropped elements take the full-precision model's value
+        #: weights-only runs (no activation quantizers): mix the unit input all the same,
+        #: ``where(rand < prob, quantized-model input, fp-model input)``, as the released code's ``input_prob`` does
+        #: whatever the activation bits; off by default so far (see the README)
+        mix_weight_only_inputs: bool = False
 
     def __init__(self, config: DropPolicy.Config | None = None) -> None:
         super().__init__(config)
@@ -49,6 +54,8 @@ class DropPolicy(ActivationPolicy):
         self._generator: torch.Generator | None = None
         self._unit_input: torch.Tensor | None = None
         self._fp_input: torch.Tensor | None = None
+        self._entry_in_full = False
+        self._has_quantizers = False
 
     def _generator_for(self, device: torch.device) -> torch.Generator | None:
         gen = self._generator
@@ -78,10 +85,13 @@ class DropPolicy(ActivationPolicy):
 
     def begin(self, quantizers: Sequence[nn.Module], generator: torch.Generator | None = None) -> None:
         self._generator = generator
+        self._has_quantizers = bool(quantizers)
         for q in quantizers:
             q.selector = self.select
 
     def mix(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+        if self._entry_in_full and x is self._unit_input:
+            return xq
         keep = x
         if self.config.input_mixing and x is self._unit_input and self._fp_input is not None:
             keep = self._fp_input
@@ -89,6 +99,8 @@ class DropPolicy(ActivationPolicy):
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused path of ``mix``: which elements are quantized, and what the others take."""
+        if self._entry_in_full and x is self._unit_input:
+            return torch.ones(x.shape, dtype=torch.bool, device=x.device), None
         keep = None
         if self.config.input_mixing and x is self._unit_input and self._fp_input is not None:
             keep = self._fp_input
@@ -96,9 +108,18 @@ class DropPolicy(ActivationPolicy):
 
     def mix_unit_input(self, quant_input: torch.Tensor, fp_input: torch.Tensor | None) -> torch.Tensor:
         self._unit_input, self._fp_input = quant_input, fp_input
+        weight_only = not self._has_quantizers and self.config.mix_weight_only_inputs and self.config.input_mixing
+        if weight_only and fp_input is not None and not self._entry_in_full:
+            return torch.where(self._quantize_mask(quant_input), quant_input, fp_input)
         return quant_input
 
+    def quantize_unit_entry(self, in_full: bool) -> None:
+        """PD-Quant's prediction branch as released: the unit's (quantized-model) input quantized in full, the
+        drop inside the unit on (``block(cat(drop_inp, cur_inp))`` with every ``is_training`` still True)."""
+        self._entry_in_full = in_full
+
     def end(self, quantizers: Sequence[nn.Module]) -> None:
+        self._entry_in_full = False
         self._unit_input = self._fp_input = None
         self._generator = None
         super().end(quantizers)
