@@ -22,7 +22,6 @@ import logging
 import math
 import os
 from collections.abc import Sequence
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,7 +29,6 @@ import torch.distributed as dist
 from quantplug.errors import ConfigError
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 
 #: how long a rank waits for the others at a collective (evaluation on rank 0 happens after the last one)
 TIMEOUT = datetime.timedelta(hours=2)

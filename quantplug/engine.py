@@ -443,6 +443,7 @@ class ReconstructionEngine:
         needs_quantized = bool(getattr(self.loss, "needs_quantized_output", False))
         keeps_policy = needs_quantized and bool(getattr(self.loss, "quantized_output_keeps_policy", False))
         mixing = any(q.mixer is not None or q.selector is not None for q in act_quantizers)
+        learned = round_params + step_params
         n = inputs.num
         batch = min(batch_per_rank(recon.batch_size), n)  # this rank's share of the step's batch
         bar = progress_bar(range(iters), desc=f"reconstruct {unit.name}", unit="it")
@@ -477,7 +478,7 @@ class ReconstructionEngine:
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 total.backward()
-                average_gradients(round_params + step_params)  # data-parallel: every rank takes the same step
+                average_gradients(learned)  # data-parallel: every rank takes the same step
                 for opt in optimizers:
                     opt.step()
                 for sched in schedulers:
