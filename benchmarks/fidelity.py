@@ -173,7 +173,7 @@ def main() -> None:
     earlier: dict[str, Any] = {"rows": [], "commands": []}  # rows this invocation does not ask for are kept
     if args.resume:
         recorded = [previous_runs(Path(path)) for path in [args.out, *args.reuse]]
-        earlier = previous_table(Path(args.out))
+        earlier = recorded_table(Path(args.out))
     commands = [c for c in earlier["commands"] if c != command] + [command]
     rows: dict[tuple[str, str, str], dict[str, Any]] = {}
     fp_cache: dict[str, dict[str, float]] = {}
@@ -270,28 +270,30 @@ def model_data(model: str) -> str:
     return default.replace("fmnist-subset", "fmnist")
 
 
-def previous_runs(out: Path) -> dict[Any, Any]:
-    """Runs recorded in ``out``'s JSON by an earlier invocation, keyed (model, setting, method, seed)."""
+def recorded_table(out: Path) -> dict[str, Any]:
+    """``out``'s JSON as ``fidelity_summary.read_table`` reads it (no rows, commands or fp if there is none yet)."""
     path = out.with_suffix(".json")
     if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    done: dict[Any, Any] = {("fp", m): v for m, v in data.get("fp", {}).items()}
-    for row in data.get("rows", []):
+        return {"rows": [], "commands": [], "fp": {}}
+    from quantplug.testing.scripts import load_script
+
+    summary = load_script(Path(__file__).with_name("fidelity_summary.py"))
+    try:
+        return summary.read_table(path)
+    except summary.SourceError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+
+
+def previous_runs(out: Path) -> dict[Any, Any]:
+    """Runs recorded in ``out``'s JSON by an earlier invocation, keyed (model, setting, method, seed)."""
+    data = recorded_table(out)
+    done: dict[Any, Any] = {("fp", m): v for m, v in data["fp"].items()}
+    for row in data["rows"]:
         for run in row.get("runs", []):
             if "error" not in run:
                 done[(row["model"], row["setting"], row["method"], run["seed"])] = {
                     k: v for k, v in run.items() if k != "seed"}
     return done
-
-
-def previous_table(out: Path) -> dict[str, Any]:
-    """Rows and commands of ``out``'s JSON (empty if there is none)."""
-    path = out.with_suffix(".json")
-    if not path.is_file():
-        return {"rows": [], "commands": []}
-    data = json.loads(path.read_text())
-    return {"rows": data.get("rows", []), "commands": data.get("commands") or [data.get("command", "")]}
 
 
 def merged(rows: dict[tuple[str, str, str], dict[str, Any]], earlier: dict[str, Any]) -> list[dict[str, Any]]:

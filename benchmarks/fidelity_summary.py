@@ -23,6 +23,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -92,6 +93,19 @@ class Tables:
         return sorted(found, key=lambda s: SETTING_ORDER.index(s) if s in SETTING_ORDER else len(SETTING_ORDER))
 
 
+def read_table(path: Path) -> dict[str, Any]:
+    """The ``rows``, ``commands`` (oldest first) and ``fp`` of one JSON written by ``benchmarks/fidelity.py``.
+
+    Raises SourceError when the file cannot be read or is not such a table."""
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = data["rows"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SourceError(f"{path}: not a fidelity table JSON ({exc}); rerun benchmarks/fidelity.py") from exc
+    commands = data.get("commands") or [data.get("command") or "(not recorded)"]
+    return {"rows": rows, "commands": commands, "fp": data.get("fp", {})}
+
+
 def load(paths: Sequence[Path] | None = None) -> Tables:
     """All runs without errors. A (model, setting, method) measured in several files takes the union of their seeds
     (so two processes can share a table's seeds, each writing its own file); a seed found in several files is taken
@@ -103,13 +117,10 @@ def load(paths: Sequence[Path] | None = None) -> Tables:
     commands: dict[str, list[str]] = {}
     aliased: set[str] = set()
     for path in paths:
-        try:
-            data = json.loads(path.read_text())
-            rows = data["rows"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise SourceError(f"{path}: not a fidelity table JSON ({exc}); rerun benchmarks/fidelity.py") from exc
-        commands[path.with_suffix(".md").name] = data.get("commands") or [data.get("command", "(not recorded)")]
-        for model, metrics in data.get("fp", {}).items():
+        data = read_table(path)
+        rows = data["rows"]
+        commands[path.with_suffix(".md").name] = data["commands"]
+        for model, metrics in data["fp"].items():
             if metrics and metrics.get("top1") is not None:
                 fp[model] = metrics["top1"]
         for row in rows:

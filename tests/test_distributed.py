@@ -15,7 +15,7 @@ import torch
 from quantplug import distributed
 from quantplug.api import apply
 from quantplug.errors import ConfigError
-from quantplug.testing.distributed import assert_ranks_agree, run_data_parallel
+from quantplug.testing.distributed import RankResult, assert_ranks_agree, run_data_parallel
 
 #: QDrop at W2A4: learned rounding, learned activation steps and random dropping, on the tiny ResNet
 RUN = {"plugin": "qdrop", "model_id": "testing:tiny-resnet", "evaluate_fp": False,
@@ -70,9 +70,7 @@ def test_a_changed_rank_is_detected() -> None:
         assert_ranks_agree(ranks)
 
 
-def distributed_result(rank: int, value: float):  # noqa: ANN201 (test helper)
-    from quantplug.testing.distributed import RankResult
-
+def distributed_result(rank: int, value: float) -> RankResult:
     return RankResult(rank, {"w": torch.full((2,), value)}, [], {})
 
 

@@ -88,6 +88,11 @@ def test_tiny_table_end_to_end(tmp_path: Path) -> None:
                           text=True, timeout=600)
     (row,) = json.loads(other.with_suffix(".json").read_text())["rows"]
     assert "running again" not in proc.stdout and row == rows[("W4", "nearest")]
+    # a corrupt table to reuse is refused before anything runs, with what to do
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"rows": [')
+    proc = subprocess.run(narrow + ["--resume", "--reuse", str(corrupt)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "not a fidelity table JSON" in proc.stderr and "rerun" in proc.stderr
 
 
 def test_runs_dir_saves_each_run_with_checkpoints(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
