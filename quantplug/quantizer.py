@@ -266,6 +266,8 @@ class AffineQuantizer(nn.Module):
         scale = self.scale
         factor = 1.0
         if self.lsq_grad_scale and isinstance(scale, nn.Parameter):
+            # LSQ's g = 1 / sqrt(N * Q_P) with N counted over the whole batch per step, as QDrop's released code
+            # (MQBench's LearnableFakeQuantize: X.numel()) does; the QAT plugin counts per sample (LSQ's N_F)
             n = x.numel() / max(scale.numel(), 1)
             factor = 1.0 / math.sqrt(n * self.spec.qmax)
         if self.mixer is None and not isinstance(self.spec.granularity, PerGroup):

@@ -933,6 +933,10 @@ class ACIQObserver(_RowObserver):
     representable and cost nothing). With an asymmetric spec all ``2^M`` levels cover ``[0, alpha]``, i.e.
     the grid step of an ``M + 1``-bit symmetric grid, so the ``M + 1`` constant is used (as in the
     authors' ``alpha_laplace_positive`` table); a symmetric spec wastes its negative half and keeps ``M``.
+    Choice: the authors' code (``int_quantizer.py``) estimates the one-sided spread like the two-sided one,
+    ``mean |x - mean(x)|`` over all values with the zeros included, which after a ReLU underestimates the
+    spread of the non-zero values: on ReLU(Laplace(0, 1)) at 8 bits it gives ``b = 0.61`` (clip 6.8,
+    fake-quant MSE 1.1e-3) against ``b = 1.00`` here (clip 11.1, MSE 8.4e-5; brute-force optimum about 10.8).
 
     Statistics accumulate over batches: counts and (shifted) sums exactly, and ``mean |x - mean|`` from a
     lattice histogram with per-bin sums (exact except inside the one bin that contains the mean).
@@ -1082,7 +1086,7 @@ class KLObserver(_RowObserver):
     candidate (``i`` bins, ``i`` from the number of quantization levels to ``num_bins``) minimizing
     ``KL(P || Q)`` between the clipped reference distribution and its quantized version, see
     ``kl_best_bins`` (the slides' pseudo-code, as implemented by NVIDIA's pytorch-quantization
-    ``_compute_amax_entropy`` except that bin 0 is left as it is and the first minimum wins). The number
+    ``_compute_amax_entropy`` except for bin 0 and ties, see below). The number
     of levels is ``2^(bits-1)`` (128 at 8 bits) for symmetric clipping ``[-t, t]`` and ``2^bits`` for
     one-sided rows (all >= 0 or all <= 0) with an asymmetric spec, which are clipped to ``[0, t]``
     (``[-t, 0]``).
@@ -1091,6 +1095,16 @@ class KLObserver(_RowObserver):
     (``max |x| / num_bins``) and, when a later batch has a larger ``max |x|``, bins of the same width are
     appended (as NVIDIA's pytorch-quantization does; pairs are merged if they exceed ``8 * num_bins``);
     candidate thresholds then run up to the last bin.
+
+    Choices: the exact zeros are left out of the histogram (they are represented exactly whatever the
+    threshold). After a ReLU half the values are 0 and all fall in bin 0; kept there, the candidate ``Q``
+    smears that spike over its neighbours and the divergence favours a threshold far too small (ReLU of a
+    standard normal at 8 bits: 1.75 instead of 4.26, about 700 times the MSE of the MSE observer).
+    NVIDIA's pytorch-quantization sets ``bins[0] = bins[1]`` for the same reason; leaving the zeros out is
+    the same correction without the approximation. Ties go to the first (smallest) minimum. The
+    threshold is ``i`` bin widths (the slides' ``(i + 0.5)`` widths differ by under 0.05 % at 2048 bins)
+    and the grid spans ``[-t, t]`` with the host's ``t / 127.5`` step (TensorRT: ``t / 127``), a
+    half-step difference at the top.
     Cost at compute time is O(rows * num_bins * levels) (a few ms per row at 2048 bins).
     """
 
@@ -1109,6 +1123,7 @@ class KLObserver(_RowObserver):
             raise ConfigError(f"kl: num_bins ({self.config.num_bins}) must be at least 2^bits = {2**spec.bits}")
         self._hist: torch.Tensor | None = None
         self._width: torch.Tensor | None = None
+        self._zeros: torch.Tensor | None = None  # exact zeros per row (counted in bin 0, left out at compute)
 
     def observe(self, rows: torch.Tensor, batch_size: int | None = None) -> None:
         prepared = self._prepare(rows)
@@ -1117,6 +1132,8 @@ class KLObserver(_RowObserver):
         x, lo, hi = prepared
         top = torch.maximum(lo.abs(), hi.abs()).double()
         magnitude = x.abs()
+        zeros = (magnitude == 0).sum(1).double()
+        self._zeros = zeros if self._zeros is None else self._zeros + zeros
         num_bins = self.config.num_bins
         if self._hist is None or self._width is None:
             self._width = top / num_bins
@@ -1146,11 +1163,14 @@ class KLObserver(_RowObserver):
         negative = hi <= 0
         one_sided = (positive | negative) if not self.spec.symmetric else torch.zeros_like(positive)
         span = self.spec.qmax - self.spec.qmin + 1
+        hist = self._hist.clone()
+        if self._zeros is not None:
+            hist[:, 0] = (hist[:, 0] - self._zeros).clamp(min=0.0)  # exact zeros: see the class docstring
         threshold = torch.zeros_like(self._width)
         for mask, levels in ((one_sided, span), (~one_sided, span // 2)):
             rows = torch.nonzero(mask).squeeze(1)
             if rows.numel():
-                threshold[rows] = kl_best_bins(self._hist[rows], levels).double() * self._width[rows]
+                threshold[rows] = kl_best_bins(hist[rows], levels).double() * self._width[rows]
         t = threshold.float()
         low = torch.where(positive & one_sided, torch.zeros_like(t), -t)
         high = torch.where(negative & one_sided, torch.zeros_like(t), t)
