@@ -384,7 +384,8 @@ class ModelAdapter(Component):
         return quantizable_layers(model)
 
     def first_last_layers(self, model: nn.Module) -> tuple[str | None, str | None]:
-        """The layers the bit policy keeps at 8 bits (default: first and last quantizable layer)."""
+        """The layers the bit policy keeps at 8 bits (default: first and last quantizable layer); None for no
+        such layer (e.g. a transformer, whose embeddings and head stay in full precision)."""
         names = self.quantizable_layers(model)
         return (names[0], names[-1]) if names else (None, None)
 

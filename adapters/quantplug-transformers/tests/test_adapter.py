@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -123,3 +124,89 @@ def test_unsupported_family_is_named() -> None:
 
     with pytest.raises(ModelLoadError, match="BERT, OPT, GPT-Neo"):
         layout_of(torch.nn.Linear(2, 2))
+
+
+def test_token_targets_are_next_tokens_for_a_decoder_and_labels_for_an_encoder() -> None:
+    """Integer [N, L] targets: perplexity for a causal LM; per-token accuracy (not a perplexity) for an encoder
+    such as a masked LM or a token classifier. Labels -100 count in neither."""
+    import transformers as tf
+
+    opt, opt_model = _load("opt")
+    ids = torch.randint(5, tiny_models.VOCAB, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = opt.forward(opt_model, ids)
+    labels = ids.clone()
+    labels[0, 3:] = -100
+    sums = opt.metrics(logits, labels)
+    assert sums["count"] == 2 * 5 - 3  # positions 1..5 of each window are predicted, three of them ignored
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum")
+    assert opt.finalize_metrics(sums)["perplexity"] == pytest.approx(float(torch.exp(nll / 7)), rel=1e-5)
+
+    torch.manual_seed(0)
+    mlm = tf.BertForMaskedLM(tf.BertConfig(vocab_size=tiny_models.VOCAB, hidden_size=32, num_hidden_layers=2,
+                                           num_attention_heads=2, intermediate_size=64,
+                                           max_position_embeddings=64)).eval()
+    adapter = TransformersAdapter()
+    with torch.no_grad():
+        out = adapter.forward(mlm, ids)
+    targets = out.argmax(-1)
+    targets[1, :] = -100  # unmasked positions of a masked-LM batch: not scored
+    targets[0, 0] = (targets[0, 0] + 1) % tiny_models.VOCAB  # one wrong prediction out of six scored
+    final = adapter.finalize_metrics(adapter.metrics(out, targets))
+    assert set(final) == {"token_accuracy"} and final["token_accuracy"] == pytest.approx(500 / 6)
+    expected = torch.nn.functional.cross_entropy(out.flatten(0, 1), targets.flatten())  # unshifted, -100 skipped
+    assert float(adapter.task_loss(out, targets)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_question_answering_agreement_is_per_start_and_end() -> None:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    qa = tf.BertForQuestionAnswering(tf.BertConfig(vocab_size=tiny_models.VOCAB, hidden_size=32,
+                                                   num_hidden_layers=2, num_attention_heads=2,
+                                                   intermediate_size=64, max_position_embeddings=64)).eval()
+    adapter = TransformersAdapter()
+    ids = torch.randint(5, tiny_models.VOCAB, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = adapter.forward(qa, ids)
+    assert out.shape == (3, 2, 10)  # start and end logits over the tokens
+    reference = out.clone()
+    start = int(out[0, 0].argmax())
+    reference[0, 0, (start + 1) % 10] = reference[0, 0].max() + 1.0  # sample 0: another start token
+    final = adapter.finalize_metrics(adapter.metrics(out, reference))
+    assert final["agreement"] == pytest.approx(100.0 * 5 / 6)  # 5 of the 6 start / end predictions agree
+
+
+def test_no_first_or_last_layer_exception_inside_the_transformer() -> None:
+    from quantplug.config import QuantSpec, Recipe
+    from quantplug.prepare import resolve_layer_bits
+
+    adapter, model = _load("opt")
+    assert adapter.first_last_layers(model) == (None, None)
+    names = adapter.quantizable_layers(model)
+    plan = resolve_layer_bits(names, *adapter.first_last_layers(model), Recipe(weight=QuantSpec(4, False)))
+    assert {item.weight_bits for item in plan} == {4}  # the bit policy's 8-bit first / last rule touches none
+    head = TransformersAdapter(TransformersAdapter.Config(quantize_head=True))
+    assert head.first_last_layers(model) == (None, "lm_head")
+
+
+def test_text_is_tokenized_in_one_piece_for_sentencepiece_style_tokenizers() -> None:
+    """A Metaspace tokenizer marks the start of each call: tokenizing paragraph by paragraph would insert a
+    word-start marker before every paragraph."""
+    from quantplug_transformers import sources
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = tiny_models.sample_text()[:4000]
+    assert text.count("\n\n") >= 3
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(prepend_scheme="first")
+    tok.train_from_iterator([text], trainer=trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>"],
+                                                                show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    whole = fast(text, add_special_tokens=False)["input_ids"]
+    assert sources._tokenize(fast, text).tolist() == whole
+    pieces = [p for p in re.split(r"(?<!\n)(?=\n\n)", text) if p]  # each paragraph with its blank line
+    by_paragraph = sum((fast(p, add_special_tokens=False)["input_ids"] for p in pieces), [])
+    assert by_paragraph != whole  # the case the one-piece tokenization exists for

@@ -12,7 +12,10 @@ ids and other keyword inputs the model passes to it are captured from the model 
 Task losses and metrics:
 
 * causal LMs: next-token cross entropy; perplexity = exp(mean NLL) over the windows' predicted tokens,
-  as FlexRound (Lee et al., ICML 2023) and OPTQ report it on WikiText-2 with non-overlapping windows;
+  as FlexRound (Lee et al., ICML 2023) and OPTQ report it on WikiText-2 with non-overlapping windows
+  (labels -100 are not predicted and not counted);
+* encoders given integer token targets (token classification labels, or masked-LM targets with -100 at
+  the unmasked positions): per-token cross entropy and ``token_accuracy`` over the labels that are not -100;
 * encoders without a head (``BertModel``): the sentence embedding is the mean of the last hidden state
   (all-MiniLM-L6-v2's pooling); the metric ``embedding_cosine`` is its cosine to the full-precision
   embedding (the data's ``reference`` targets), the loss ``1 - cosine``;
@@ -159,13 +162,18 @@ class TransformersAdapter(ModelAdapter):
 
     def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
         kwargs = dict(inputs) if isinstance(inputs, Mapping) else {"input_ids": inputs}
-        if hasattr(model.config, "use_cache") and self.is_causal(model):  # type: ignore[union-attr]
+        causal = self.is_causal(model)
+        # token targets mean next-token prediction for a causal model, per-token labels for an encoder: the
+        # losses and metrics below are given outputs and targets only, so the last forward's model decides
+        self._causal_outputs = causal
+        if hasattr(model.config, "use_cache") and causal:  # type: ignore[union-attr]
             kwargs["use_cache"] = False
         out = model(**kwargs)
         if getattr(out, "logits", None) is not None:
             return out.logits
         if getattr(out, "start_logits", None) is not None:
-            return torch.stack([out.start_logits, out.end_logits], -1)
+            # [N, 2, L]: the answer's start and end are each an argmax over the tokens
+            return torch.stack([out.start_logits, out.end_logits], 1)
         return first_tensor(out)
 
     @torch.no_grad()
@@ -177,19 +185,36 @@ class TransformersAdapter(ModelAdapter):
         return out.float()
 
     # ------------------------------------------------------------------ losses and metrics
+    def _next_token_targets(self, outputs: torch.Tensor, targets: Any) -> bool | None:
+        """True: next-token targets of a causal LM; False: per-token labels of an encoder; None: other targets.
+        Without a forward through this adapter yet, token targets are taken as a causal LM's."""
+        if not _is_token_targets(outputs, targets):
+            return None
+        return bool(getattr(self, "_causal_outputs", True))
+
     def task_loss(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
-        if _is_token_targets(outputs, targets):
+        next_token = self._next_token_targets(outputs, targets)
+        if next_token:
             return nn.functional.cross_entropy(outputs[:, :-1].flatten(0, 1).float(), targets[:, 1:].flatten())
+        if next_token is False:
+            return nn.functional.cross_entropy(outputs.flatten(0, 1).float(), targets.flatten())
         if not targets.is_floating_point():
             return nn.functional.cross_entropy(_last_dim_logits(outputs), targets.flatten())
         pred = _pooled(outputs, targets)
         return 1.0 - nn.functional.cosine_similarity(pred.flatten(1), targets.flatten(1), dim=1).mean()
 
     def metrics(self, outputs: torch.Tensor, targets: Any) -> dict[str, float]:
-        if _is_token_targets(outputs, targets):
+        next_token = self._next_token_targets(outputs, targets)
+        if next_token:
             logits = outputs[:, :-1].flatten(0, 1).float()
-            nll = nn.functional.cross_entropy(logits, targets[:, 1:].flatten(), reduction="sum")
-            return {"nll": float(nll), "count": float(targets[:, 1:].numel())}
+            labels = targets[:, 1:].flatten()
+            nll = nn.functional.cross_entropy(logits, labels, reduction="sum")  # -100 labels are skipped
+            return {"nll": float(nll), "count": float((labels != IGNORED_LABEL).sum())}
+        if next_token is False:
+            labels = targets.flatten()
+            scored = labels != IGNORED_LABEL
+            correct = (outputs.flatten(0, 1).argmax(-1) == labels) & scored
+            return {"token_accuracy": 100.0 * float(correct.sum()), "count": float(scored.sum())}
         if not targets.is_floating_point():
             logits = _last_dim_logits(outputs)
             labels = targets.flatten()
@@ -202,11 +227,26 @@ class TransformersAdapter(ModelAdapter):
         agree = (pred.argmax(-1) == targets.argmax(-1)).float().reshape(pred.shape[0], -1).mean(1)
         return {"agreement": 100.0 * float(agree.sum()), "logit_cosine": float(cos.sum()), "count": n}
 
+    def first_last_layers(self, model: nn.Module) -> tuple[str | None, str | None]:
+        """No exceptions: every linear layer of the transformer layers gets the recipe's bits, as in the
+        papers (OPTQ, FlexRound); the output projection / head stays in full precision unless
+        ``quantize_head``, and then its layer is the one the bit policy keeps at 8 bits (the host's
+        convention for a network's last layer). The host's default (first and last quantizable layer)
+        would pick an arbitrary projection of the first layer (OPT registers k_proj first)."""
+        if not self.config.quantize_head:
+            return (None, None)
+        head = [n for m in self.layout(model).head for n in linear_layers(model, m)]
+        return (None, head[-1] if head else None)
+
     def finalize_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         out = super().finalize_metrics(sums)
         if "nll" in out:
             out["perplexity"] = math.exp(out.pop("nll"))
         return out
+
+
+#: the label cross entropy ignores (transformers' convention for positions that are not scored)
+IGNORED_LABEL = -100
 
 
 def _is_token_targets(outputs: torch.Tensor, targets: Any) -> bool:
