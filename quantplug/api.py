@@ -115,7 +115,15 @@ def _check_finite(dataset: Dataset, what: str) -> None:
 
 
 def _batches(dataset: Dataset, batch_size: int) -> list[Any]:
+    """Every batch of ``dataset`` held in memory: for the calibration set, which the observers, passes and
+    unit caches read many times and which is small by design (``calib.num_samples``)."""
     return list(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+
+
+def _stream(dataset: Dataset, batch_size: int) -> DataLoader:
+    """The batches of ``dataset`` read one at a time, again on every pass over the loader: for the test
+    set, which may be far larger than memory (ImageNet val as float32 tensors is ~30 GB)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
 
 def resolve(session: Session, plugin: str, *, base: str | None, preset: str | None,
@@ -225,7 +233,7 @@ def apply(
         result.seconds = time.perf_counter() - t0
         return result
     test_set = source.load(data, "test", num_samples=eval_samples, seed=0)
-    test = _batches(test_set, max(recipe.calib.batch_size, 64))
+    test = _stream(test_set, max(recipe.calib.batch_size, 64))  # read twice (fp, quantized), never held whole
     fp_metrics = evaluate(fp_model, adapter, test, dev, "evaluate fp") if evaluate_fp else {}
     q_metrics = evaluate(q_model, adapter, test, dev, "evaluate quantized")
     result.fp_metrics, result.quant_metrics, result.records = fp_metrics, q_metrics, records
