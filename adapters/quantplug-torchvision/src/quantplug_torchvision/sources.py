@@ -10,7 +10,9 @@ Specs:
   ``QUANTPLUG_RESIZE`` change the sizes);
 * ``tensors:FILE``: ``torch.save({"train": (x, y), "test": (x, y)})`` or a single ``(x, y)`` for both splits.
 
-Calibration samples come from the training split, drawn with the seed; evaluation uses the test split.
+Calibration samples come from the training split, drawn with the seed; evaluation uses the test split: with
+a sample limit, its first N samples, except for image folders (sorted by class), where N samples are drawn
+with the fixed seed 0 (the same images for every run seed and for the full-precision and quantized models).
 """
 
 from __future__ import annotations
@@ -24,13 +26,25 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from quantplug.errors import DataError
 from quantplug.interfaces import DataSource
 
+#: the seed of an image folder's evaluation subset: fixed, so every run and both models see the same images
+EVAL_SUBSET_SEED = 0
 
-def _pick(dataset: Dataset, num_samples: int | None, seed: int, split: str) -> Dataset:
+
+def _pick(dataset: Dataset, num_samples: int | None, seed: int, split: str, *, spread_test: bool = False) -> Dataset:
+    """``num_samples`` samples of ``dataset`` (all of them when None or at least its size).
+
+    Calibration (``train``) draws them with ``seed``. Evaluation (``test``) takes the first N, the same for
+    every seed, or with ``spread_test`` N drawn with the fixed :data:`EVAL_SUBSET_SEED` (in file order): an
+    ImageFolder lists its images class by class, so its first N would cover only the first classes.
+    """
     n = len(dataset)  # type: ignore[arg-type]
     if num_samples is None or num_samples >= n:
         return dataset
-    if split == "test":  # evaluation subsets are the first N, the same for every seed
-        return Subset(dataset, range(num_samples))
+    if split == "test":
+        if not spread_test:  # the first N (committed fmnist / tensor-file numbers were measured this way)
+            return Subset(dataset, range(num_samples))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(EVAL_SUBSET_SEED))[:num_samples]
+        return Subset(dataset, sorted(perm.tolist()))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_samples]
     return Subset(dataset, perm.tolist())
 
@@ -93,7 +107,7 @@ class ImageFolderSource(DataSource):
             dataset = datasets.ImageFolder(path, transform=tf)
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(f"no images found under {path}: {exc}") from exc
-        return _pick(dataset, num_samples, seed, split)
+        return _pick(dataset, num_samples, seed, split, spread_test=True)
 
 
 class TensorFileSource(DataSource):
