@@ -38,7 +38,7 @@ def _add_apply(sub: Any) -> None:
     p.add_argument("--weights", default=None, help="pretrained weights of a hub model (e.g. DEFAULT, IMAGENET1K_V1)")
     p.add_argument("--arch", default=None, help="architecture of a local state-dict file (e.g. resnet18)")
     p.add_argument("--num-classes", type=int, default=None, help="classes of a freshly built model")
-    p.add_argument("--w-bits", type=int, default=None, help="weight bits (2-8); first/last layers stay at 8")
+    p.add_argument("--w-bits", type=int, default=None, help="weight bits (2-8); first/last layers of a CNN stay at 8")
     p.add_argument("--a-bits", type=int, default=None,
                    help="activation bits (2-8; 0 or 32: weights only, no activation quantizers or learned steps)")
     p.add_argument("--calib-samples", type=int, default=None, help="number of calibration samples")
@@ -180,9 +180,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load(args.run_dir, device=args.device, session=session)
     adapter = session.adapter_for(manifest["model_id"])
     data = args.data or manifest["data"]
-    source = session.data_source_for(data)
+    bound = adapter.bind_data(manifest["model_id"], data, manifest.get("model_options"))
+    source = session.data_source_for(bound)
     limit = args.eval_samples if args.eval_samples is not None else manifest.get("eval_samples")
-    test = source.load(data, "test", num_samples=limit, seed=0)
+    test = source.load(bound, "test", num_samples=limit, seed=0)
     loader = torch.utils.data.DataLoader(test, batch_size=64)
     metrics = evaluate(model, adapter, loader, torch.device(args.device))
     if args.json:
