@@ -176,8 +176,11 @@ def apply(
     data = data or adapter.default_data(model_id)
     if data is None:
         raise ConfigError(f"model {model_id!r} has no default data: pass --data (e.g. a directory or a data spec)")
-    source = session.data_source_for(data)
-    calib_set = source.load(data, "train", num_samples=recipe.calib.num_samples, seed=recipe.calib.seed)
+    bound = adapter.bind_data(model_id, data, model_options)  # e.g. the pretrained weights' preprocessing
+    if bound != data:
+        logger.info("data %s for %s: %s", data, model_id, bound)
+    source = session.data_source_for(bound)
+    calib_set = source.load(bound, "train", num_samples=recipe.calib.num_samples, seed=recipe.calib.seed)
     _check_finite(calib_set, "calibration")
     calib = _batches(calib_set, recipe.calib.batch_size)
     calib_inputs = [b[0] for b in calib]
@@ -232,7 +235,7 @@ def apply(
     if not is_main_process():  # every rank holds the same model: rank 0 evaluates and saves it
         result.seconds = time.perf_counter() - t0
         return result
-    test_set = source.load(data, "test", num_samples=eval_samples, seed=0)
+    test_set = source.load(bound, "test", num_samples=eval_samples, seed=0)
     test = _stream(test_set, max(recipe.calib.batch_size, 64))  # read twice (fp, quantized), never held whole
     fp_metrics = evaluate(fp_model, adapter, test, dev, "evaluate fp") if evaluate_fp else {}
     q_metrics = evaluate(q_model, adapter, test, dev, "evaluate quantized")

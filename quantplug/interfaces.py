@@ -349,6 +349,15 @@ class ModelAdapter(Component):
         """The data spec used when the user gives none (None: data is required)."""
         return None
 
+    def bind_data(self, model_id: str, data: str, options: Mapping[str, Any] | None = None) -> str:
+        """The data spec ``data`` completed with what this model needs of its data (default: ``data``).
+
+        Called before any data is loaded, with the model's load ``options``; e.g. the torchvision adapter adds
+        the preprocessing of the model's pretrained weights and its number of classes to an image-folder
+        spec. The run's manifest keeps ``data`` as given; ``quantplug eval`` binds it again.
+        """
+        return data
+
     def blocks(self, model: nn.Module) -> list[UnitSpec]:
         raise NotImplementedError
 

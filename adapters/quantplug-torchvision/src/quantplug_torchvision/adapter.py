@@ -26,6 +26,7 @@ from torch import nn
 
 from quantplug.errors import DataError, ModelLoadError
 from quantplug.interfaces import ModelAdapter, UnitSpec
+from quantplug_torchvision.image_folder import folder_spec, is_folder_spec, parse_folder_spec
 from quantplug_torchvision.structure import blocks_of, family_of, head_module
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,21 @@ def available_zoo_models() -> list[str]:
     return out
 
 
+def pretrained_weights(arch: str, weights: str) -> Any:
+    """The torchvision weights enum member ``weights`` (``DEFAULT`` or a name such as ``IMAGENET1K_V2``) of ``arch``."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except ValueError as exc:
+        raise ModelLoadError(f"torchvision has no model {arch!r} with pretrained weights") from exc
+    try:
+        return enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
+    except KeyError as exc:
+        names = ", ".join(w.name for w in enum)
+        raise ModelLoadError(f"{arch} has no weights {weights!r}; choose DEFAULT or one of: {names}") from exc
+
+
 def _build_torchvision(arch: str, weights: str | None = None, num_classes: int | None = None) -> nn.Module:
     import torchvision
 
@@ -82,12 +98,7 @@ def _build_torchvision(arch: str, weights: str | None = None, num_classes: int |
         kwargs["num_classes"] = int(num_classes)
     if weights is None:
         return builder(weights=None, **kwargs)
-    enum = torchvision.models.get_model_weights(arch)
-    try:
-        chosen = enum.DEFAULT if weights.upper() == "DEFAULT" else enum[weights]
-    except KeyError as exc:
-        names = ", ".join(w.name for w in enum)
-        raise ModelLoadError(f"{arch} has no weights {weights!r}; choose DEFAULT or one of: {names}") from exc
+    chosen = pretrained_weights(arch, weights)
     try:
         return builder(weights=chosen, **kwargs)
     except Exception as exc:  # no network: say where the file goes
@@ -178,6 +189,27 @@ class TorchvisionAdapter(ModelAdapter):
             size = int(meta.get("input_size", [3, 32, 32])[-1])
             return f"fmnist-subset:{size}"
         return None
+
+    def bind_data(self, model_id: str, data: str, options: Mapping[str, Any] | None = None) -> str:
+        """An image-folder spec gets the preprocessing of the model's named weights (``--weights``) and the
+        number of classes the model predicts (the weights' categories, or ``--num-classes``); options the
+        spec already has are kept. Other specs, and models of unknown width (``local:`` modules), are unchanged.
+        """
+        if not is_folder_spec(data):
+            return data
+        options = options or {}
+        root, given = parse_folder_spec(data)
+        source, _, rest = model_id.partition(":")
+        bound: dict[str, Any] = {}
+        if source == "torchvision" and options.get("weights"):
+            chosen = pretrained_weights(rest, str(options["weights"]))
+            bound["weights"] = f"{type(chosen).__name__}.{chosen.name}"
+            categories = chosen.meta.get("categories")
+            if categories:
+                bound["classes"] = len(categories)
+        if options.get("num_classes") is not None:
+            bound["classes"] = int(options["num_classes"])
+        return folder_spec(root, {**bound, **given})
 
     def forward(self, model: nn.Module, inputs: Any) -> torch.Tensor:
         expected = getattr(model, "quantplug_input_size", None)

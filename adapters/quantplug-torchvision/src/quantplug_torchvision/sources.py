@@ -5,9 +5,11 @@ Specs:
 * ``fmnist[:SIZE]``: the 60 000 / 10 000 Fashion-MNIST images (Debian package ``dataset-fashion-mnist``,
   ``$QUANTPLUG_FASHION_MNIST`` or a torchvision root), preprocessed to SIZE x SIZE (default 32);
 * ``fmnist-subset[:SIZE]``: 512 training and 1 000 test images shipped inside this package;
-* ``imagefolder:DIR``: ImageNet layout ``DIR/train/<class>/*.jpg`` and ``DIR/val/<class>/*.jpg``, resized to
-  256, center-cropped to 224 and normalized with the ImageNet mean / std (``QUANTPLUG_IMAGE_SIZE`` /
-  ``QUANTPLUG_RESIZE`` change the sizes);
+* ``imagefolder:DIR[?weights=ENUM.NAME][&classes=N]``: ImageNet layout ``DIR/train/<class>/*.jpg`` and
+  ``DIR/val/<class>/*.jpg``, preprocessed with the named torchvision weights' own preset, else resized to 256,
+  center-cropped to 224 (bilinear) and normalized with the ImageNet mean / std (``QUANTPLUG_IMAGE_SIZE`` /
+  ``QUANTPLUG_RESIZE`` change the sizes); a folder with other than N class directories is refused
+  (:mod:`quantplug_torchvision.image_folder`);
 * ``tensors:FILE``: ``torch.save({"train": (x, y), "test": (x, y)})`` or a single ``(x, y)`` for both splits.
 
 Calibration samples come from the training split, drawn with the seed; evaluation uses the test split: with
@@ -25,6 +27,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 from quantplug.errors import DataError
 from quantplug.interfaces import DataSource
+from quantplug_torchvision.image_folder import check_classes, expected_classes, folder_transform, parse_folder_spec
 
 #: the seed of an image folder's evaluation subset: fixed, so every run and both models see the same images
 EVAL_SUBSET_SEED = 0
@@ -84,29 +87,27 @@ class FashionMNISTSource(DataSource):
 
 
 class ImageFolderSource(DataSource):
-    """Any ImageNet-layout directory (``train/`` and ``val/`` of class folders) via torchvision's ImageFolder."""
+    """Any ImageNet-layout directory (``train/`` and ``val/`` of class folders) via torchvision's ImageFolder;
+    spec ``imagefolder:ROOT[?weights=ENUM.NAME][&classes=N]`` (:mod:`quantplug_torchvision.image_folder`)."""
 
     name = "imagefolder"
     prefixes = ("imagefolder",)
 
     def load(self, spec: str, split: str, *, num_samples: int | None, seed: int) -> Dataset:
-        from torchvision import datasets, transforms
+        from torchvision import datasets
 
-        root = spec.partition(":")[2]
+        root, options = parse_folder_spec(spec)
         sub = {"train": "train", "test": "val"}[_split(split)]
         path = os.path.join(root, sub)
         if not os.path.isdir(path):
             raise DataError(f"{path} does not exist: an ImageFolder root needs train/ and val/ class folders")
-        size = int(os.environ.get("QUANTPLUG_IMAGE_SIZE", 224))
-        resize = int(os.environ.get("QUANTPLUG_RESIZE", 256))
-        tf = transforms.Compose([
-            transforms.Resize(resize), transforms.CenterCrop(size), transforms.ToTensor(),
-            transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
-        ])
+        expected = expected_classes(options)
+        tf = folder_transform(options.get("weights"))
         try:
             dataset = datasets.ImageFolder(path, transform=tf)
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(f"no images found under {path}: {exc}") from exc
+        check_classes(path, len(dataset.classes), expected)
         return _pick(dataset, num_samples, seed, split, spread_test=True)
 
 
