@@ -20,9 +20,12 @@ logger = logging.getLogger(__name__)
 
 
 def calibrate_weights(model: nn.Module, session: Any, recipe: Recipe) -> None:
-    for _, layer in quant_layers(model):
+    for name, layer in quant_layers(model):
         if layer.weight_quantizer is None:
             continue
+        if not bool(torch.isfinite(layer.weight).all()):
+            raise DataError(f"layer {name!r} has NaN or inf weights: the model itself is broken (check the "
+                            "checkpoint it was loaded from, or the training run that wrote it)")
         observer: Observer = session.make("observer", recipe.weight_observer, layer.weight_quantizer.spec)
         observer.observe(to_rows(layer.weight.detach(), layer.weight_quantizer.spec))
         scale, zp = observer.compute()

@@ -270,3 +270,19 @@ def test_freed_memory_is_released_after_every_unit(session, fast, monkeypatch) -
     assert len(result.records) > 1 and seen == ["cpu"] * len(result.records) and calls == [0] * len(result.records)
     if sys.platform.startswith("linux"):
         assert memory._find_malloc_trim() is not None  # glibc: the real trim is found
+
+
+def test_nan_weights_name_the_layer(session) -> None:  # type: ignore[no-untyped-def]
+    from quantplug.calibrate import calibrate_weights
+    from quantplug.config import QuantSpec, Recipe
+    from quantplug.prepare import prepare_model
+
+    adapter = session.adapter_for("testing:tiny-resnet")
+    model = adapter.load("testing:tiny-resnet", device=torch.device("cpu"))
+    recipe = Recipe(weight=QuantSpec(4, False))
+    name = adapter.quantizable_layers(model)[2]
+    prepare_model(model, adapter, recipe)
+    with torch.no_grad():
+        model.get_submodule(name).weight[0].view(-1)[0] = float("nan")
+    with pytest.raises(DataError, match=f"layer '{name}' has NaN or inf weights"):
+        calibrate_weights(model, session, recipe)
