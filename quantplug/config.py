@@ -128,6 +128,12 @@ class CalibConfig:
     batch_size: int = 64
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if isinstance(self.num_samples, int) and self.num_samples < 1:
+            raise ConfigError(f"calib.num_samples (--calib-samples) must be at least 1, got {self.num_samples}")
+        if isinstance(self.batch_size, int) and self.batch_size < 1:
+            raise ConfigError(f"calib.batch_size must be at least 1, got {self.batch_size}")
+
 
 @dataclass(frozen=True)
 class ReconConfig:

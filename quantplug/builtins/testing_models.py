@@ -96,7 +96,9 @@ class SyntheticData(DataSource):
         kind = spec.split(":", 1)[1] if ":" in spec else ""
         if split not in ("train", "test"):
             raise DataError(f"synthetic data has splits train and test, not {split!r}")
-        n = num_samples or (2048 if split == "train" else 1000)
+        if num_samples is not None and num_samples < 1:
+            raise DataError(f"the number of {split} samples must be at least 1, not {num_samples}")
+        n = num_samples if num_samples is not None else (2048 if split == "train" else 1000)
         if kind == "images":
             return synthetic.synthetic_images(n, split, seed)
         if kind == "tokens":

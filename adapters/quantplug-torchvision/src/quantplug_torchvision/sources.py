@@ -19,6 +19,7 @@ with the fixed seed 0 (the same images for every run seed and for the full-preci
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -29,18 +30,34 @@ from quantplug.errors import DataError
 from quantplug.interfaces import DataSource
 from quantplug_torchvision.image_folder import check_classes, expected_classes, folder_transform, parse_folder_spec
 
+logger = logging.getLogger(__name__)
+
 #: the seed of an image folder's evaluation subset: fixed, so every run and both models see the same images
 EVAL_SUBSET_SEED = 0
 
 
-def _pick(dataset: Dataset, num_samples: int | None, seed: int, split: str, *, spread_test: bool = False) -> Dataset:
+def check_calibration_size(available: int, requested: int | None, spec: str) -> None:
+    """Refuse an empty calibration split; warn when it has fewer samples than were asked for."""
+    if available == 0:
+        raise DataError(f"the calibration (train) split of {spec} is empty: give data with training samples")
+    if requested is not None and requested > available:
+        logger.warning("%s has only %d calibration samples: using %d, not the %d asked for (--calib-samples)",
+                       spec, available, available, requested)
+
+
+def _pick(dataset: Dataset, num_samples: int | None, seed: int, split: str, *, spread_test: bool = False,
+          spec: str = "the data") -> Dataset:
     """``num_samples`` samples of ``dataset`` (all of them when None or at least its size).
 
     Calibration (``train``) draws them with ``seed``. Evaluation (``test``) takes the first N, the same for
     every seed, or with ``spread_test`` N drawn with the fixed :data:`EVAL_SUBSET_SEED` (in file order): an
     ImageFolder lists its images class by class, so its first N would cover only the first classes.
     """
+    if num_samples is not None and num_samples < 1:
+        raise DataError(f"the number of {split} samples must be at least 1, not {num_samples}")
     n = len(dataset)  # type: ignore[arg-type]
+    if split == "train":
+        check_calibration_size(n, num_samples, spec)
     if num_samples is None or num_samples >= n:
         return dataset
     if split == "test":
@@ -83,7 +100,7 @@ class FashionMNISTSource(DataSource):
             except FileNotFoundError as exc:
                 raise DataError(str(exc)) from exc
         dataset = TensorDataset(fm.preprocess(images, size), torch.as_tensor(labels))
-        return _pick(dataset, num_samples, seed, split)
+        return _pick(dataset, num_samples, seed, split, spec=spec)
 
 
 class ImageFolderSource(DataSource):
@@ -108,7 +125,7 @@ class ImageFolderSource(DataSource):
         except (FileNotFoundError, RuntimeError) as exc:
             raise DataError(f"no images found under {path}: {exc}") from exc
         check_classes(path, len(dataset.classes), expected)
-        return _pick(dataset, num_samples, seed, split, spread_test=True)
+        return _pick(dataset, num_samples, seed, split, spread_test=True, spec=spec)
 
 
 class TensorFileSource(DataSource):
@@ -134,4 +151,4 @@ class TensorFileSource(DataSource):
         x, y = obj
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise DataError(f"{path} contains NaN or inf inputs; clean the data first")
-        return _pick(TensorDataset(x, y), num_samples, seed, split)
+        return _pick(TensorDataset(x, y), num_samples, seed, split, spec=spec)
