@@ -208,36 +208,78 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
-def _from_jsonable(tp: Any, data: Any) -> Any:
-    """Rebuild a value of type ``tp`` from its JSON form (dataclasses, optionals, tuples, unions)."""
+def _from_jsonable(tp: Any, data: Any, path: str = "") -> Any:
+    """Rebuild a value of type ``tp`` from its JSON form (dataclasses, optionals, tuples, unions).
+
+    Every value is checked against its field's type; a mismatch is a :class:`ConfigError` naming the
+    dotted ``path`` of the field, the expected type and the value (``recon.iters must be an integer``).
+    """
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if data is None:
-            return None
+            if len(args) < len(typing.get_args(tp)):  # Optional
+                return None
+            raise ConfigError(f"{_where(path)} must not be null")
         if all(a in _GRANULARITIES.values() for a in args):
-            return granularity_from_dict(data)
-        return _from_jsonable(args[0], data)
-    if tp is Granularity:
-        return granularity_from_dict(data)
+            if not isinstance(data, (str, Mapping)):
+                raise _type_error(path, f"a granularity ({', '.join(sorted(_GRANULARITIES))} or a mapping)", data)
+            mapping = {"kind": data} if isinstance(data, str) else data
+            kind = mapping.get("kind", "per_tensor")
+            if kind not in _GRANULARITIES:
+                raise ConfigError(f"unknown granularity {kind!r}; use one of {sorted(_GRANULARITIES)}")
+            return _from_jsonable(_GRANULARITIES[kind], mapping, path)
+        return _from_jsonable(args[0], data, path)
     if origin is tuple:
+        if not isinstance(data, (list, tuple)):
+            raise _type_error(path, "a list", data)
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_jsonable(args[0], v) for v in data)
-        return tuple(_from_jsonable(a, v) for a, v in zip(args, data))
+            return tuple(_from_jsonable(args[0], v, f"{path}[{i}]") for i, v in enumerate(data))
+        if len(data) != len(args):
+            raise _type_error(path, f"a list of {len(args)} values", data)
+        return tuple(_from_jsonable(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
     if dataclasses.is_dataclass(tp):
         if not isinstance(data, Mapping):
-            raise ConfigError(f"expected a mapping for {tp.__name__}, got {data!r}")
+            raise ConfigError(f"expected a mapping for {tp.__name__}{' at ' + path if path else ''}, got {data!r}")
         hints = typing.get_type_hints(tp)
         names = {f.name for f in dataclasses.fields(tp)}
         unknown = set(data) - names
         if unknown:
             raise ConfigError(f"unknown field(s) {sorted(unknown)} for {tp.__name__}; known: {sorted(names)}")
-        kwargs = {k: _from_jsonable(hints[k], v) for k, v in data.items()}
+        kwargs = {k: _from_jsonable(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
         return tp(**kwargs)
-    if origin in (dict, Mapping) or tp is Mapping:
+    if origin in (dict, Mapping) or tp in (dict, Mapping):
+        if not isinstance(data, Mapping):
+            raise _type_error(path, "a mapping", data)
         return dict(data)
+    return _scalar(tp, data, path)
+
+
+def _scalar(tp: Any, data: Any, path: str) -> Any:
+    """``data`` checked against a scalar type: bool, int, float (an int is accepted and converted), str."""
+    if tp is bool:
+        if not isinstance(data, bool):
+            raise _type_error(path, "true or false", data)
+    elif tp is int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            raise _type_error(path, "an integer", data)
+    elif tp is float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            raise _type_error(path, "a number", data)
+        return float(data)
+    elif tp is str:
+        if not isinstance(data, str):
+            raise _type_error(path, "a string", data)
     return data
+
+
+def _where(path: str) -> str:
+    return path or "the value"
+
+
+def _type_error(path: str, expected: str, value: Any) -> ConfigError:
+    return ConfigError(f"{_where(path)} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 # --------------------------------------------------------------------------- overrides

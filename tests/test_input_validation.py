@@ -45,3 +45,54 @@ def test_synthetic_source_refuses_non_positive_counts_instead_of_using_the_defau
     for n in (0, -5):  # before: 0 quietly gave 2048 samples, -5 a "negative dimension" RuntimeError
         with pytest.raises(DataError, match="at least 1"):
             SyntheticData().load("synthetic:images", "train", num_samples=n, seed=0)
+
+
+# --------------------------------------------------------------------------- 3. override types
+@pytest.mark.parametrize(
+    "path,value,needle",
+    [
+        ("recon.iters", "abc", "recon.iters must be an integer, got 'abc'"),
+        ("recon.iters", 2.5, "recon.iters must be an integer, got 2.5"),
+        ("recon.iters", True, "recon.iters must be an integer, got True"),
+        ("recon.lr", "fast", "recon.lr must be a number, got 'fast'"),
+        ("recon.learn_act_step", 1, "recon.learn_act_step must be true or false, got 1"),
+        ("recon.cache", 3, "recon.cache must be a string, got 3"),
+        ("weight.bits", "4", "weight.bits must be an integer, got '4'"),
+        ("bits.first_layer_bits", "eight", "bits.first_layer_bits must be an integer, got 'eight'"),
+        ("bits.overrides", [["layer1.*", 3]], "bits.overrides[0] must be a list of 3 values"),
+        ("bits.overrides", [["layer1.*", "x", 4]], "bits.overrides[0][1] must be an integer, got 'x'"),
+        ("bits.overrides", "layer1", "bits.overrides must be a list, got 'layer1'"),
+        ("rounding.options", [1], "rounding.options must be a mapping"),
+        ("weight.granularity", 5, "weight.granularity must be a granularity"),
+    ],
+)
+def test_override_values_are_checked_against_the_field_types(path: str, value: object, needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(Recipe(), {path: value})
+    assert needle in str(info.value)
+
+
+def test_nested_granularity_fields_are_type_checked_too() -> None:
+    with pytest.raises(ConfigError, match="weight.granularity.group_size must be an integer, got 'abc'"):
+        apply_overrides(Recipe(), {"weight.granularity": "per_group", "weight.granularity.group_size": "abc"})
+
+
+def test_well_typed_values_still_load_and_an_int_is_a_valid_float() -> None:
+    r = apply_overrides(Recipe(), {"recon.lr": 1, "recon.iters": 7, "bits.first_layer_bits": None,
+                                   "bits.overrides": [["layer1.*", 3, 0]], "rounding.options": {"x": "y"},
+                                   "weight.granularity": {"kind": "per_group", "group_size": 8}})
+    assert r.recon.lr == 1.0 and isinstance(r.recon.lr, float) and r.recon.iters == 7
+    assert r.bits.first_layer_bits is None and r.bits.overrides == (("layer1.*", 3, 0),)
+    assert Recipe.from_dict(r.to_dict()) == r
+
+
+def test_a_manifest_recipe_with_a_wrong_type_names_the_field() -> None:
+    data = Recipe().to_dict()
+    data["calib"]["seed"] = "zero"
+    with pytest.raises(ConfigError, match="calib.seed must be an integer, got 'zero'"):
+        Recipe.from_dict(data)
+
+
+def test_wrong_override_type_on_the_command_line_is_one_clear_line(capsys) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli(capsys, "apply", "testing:tiny-resnet", "-o", "recon.iters=abc", "--dry-run")
+    assert code == 2 and "recon.iters must be an integer, got 'abc'" in err and err.count("\n") == 1
