@@ -15,6 +15,17 @@ from quantplug.errors import QuantplugError
 logger = logging.getLogger("quantplug")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of a sample count: an integer of at least 1 (0 or a negative count is refused)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of samples, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value} (leave the option out to use all)")
+    return value
+
+
 def _session() -> Any:
     from quantplug.plugins import Session
 
@@ -41,13 +52,14 @@ def _add_apply(sub: Any) -> None:
     p.add_argument("--w-bits", type=int, default=None, help="weight bits (2-8); first/last layers of a CNN stay at 8")
     p.add_argument("--a-bits", type=int, default=None,
                    help="activation bits (2-8; 0 or 32: weights only, no activation quantizers or learned steps)")
-    p.add_argument("--calib-samples", type=int, default=None, help="number of calibration samples")
+    p.add_argument("--calib-samples", type=positive_int, default=None, help="number of calibration samples (>= 1)")
     p.add_argument("--batch-size", type=int, default=None, help="reconstruction batch size")
     p.add_argument("--iters", type=int, default=None, help="reconstruction iterations per unit")
     p.add_argument("--cache", choices=("cpu", "fp16", "disk"), default=None, help="where unit inputs are cached")
     p.add_argument("--seed", type=int, default=None, help="random seed (calibration sampling, reconstruction)")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
-    p.add_argument("--eval-samples", type=int, default=None, help="limit the evaluation set (default: all)")
+    p.add_argument("--eval-samples", type=positive_int, default=None,
+                   help="limit the evaluation set to N samples, N >= 1 (default: all)")
     p.add_argument("-o", "--override", action="append", default=[], metavar="PATH=VALUE",
                    help="override any recipe field, e.g. -o recon.iters=500 -o rounding.options.reg_weight=0.1")
     p.add_argument("--out", default=None, help="output directory (default: runs/<plugin>-<model>)")
@@ -219,7 +231,8 @@ def build_parser(session_commands: bool = True) -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--data", default=None, help="data spec (default: the run's data)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--eval-samples", type=int, default=None)
+    p.add_argument("--eval-samples", type=positive_int, default=None,
+                   help="limit the evaluation set, N >= 1 (default: the run's limit, else all)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
     if session_commands:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantplug.errors import DataError
 from quantplug.interfaces import ModelAdapter
 from quantplug.progress import progress_bar
 
@@ -15,13 +16,19 @@ from quantplug.progress import progress_bar
 @torch.no_grad()
 def evaluate(model: nn.Module, adapter: ModelAdapter, batches: Iterable[Any], device: torch.device,
              desc: str = "evaluate") -> dict[str, float]:
+    """The adapter's metrics of ``model`` over ``batches``; a :class:`DataError` when there is no sample."""
     model.eval()
     sums: dict[str, float] = {}
+    batches_seen = 0
     for batch in progress_bar(batches, desc=desc, unit="batch"):
         inputs, targets = adapter.prepare_batch(batch, device)
+        batches_seen += 1  # a data loader never yields an empty batch
         outputs = adapter.forward(model, inputs)
         for key, value in adapter.metrics(outputs, targets).items():
             sums[key] = sums.get(key, 0.0) + value
+    if batches_seen == 0:
+        raise DataError("the test split is empty: there is nothing to evaluate; check --data (its test split) "
+                        "and --eval-samples")
     return adapter.finalize_metrics(sums)
 
 

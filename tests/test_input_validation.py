@@ -96,3 +96,39 @@ def test_a_manifest_recipe_with_a_wrong_type_names_the_field() -> None:
 def test_wrong_override_type_on_the_command_line_is_one_clear_line(capsys) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run_cli(capsys, "apply", "testing:tiny-resnet", "-o", "recon.iters=abc", "--dry-run")
     assert code == 2 and "recon.iters must be an integer, got 'abc'" in err and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- 2. empty test split, sample counts
+def test_evaluate_on_an_empty_test_split_is_a_data_error() -> None:
+    import torch
+
+    from quantplug.builtins.testing_models import TinyModelAdapter
+    from quantplug.evaluate import evaluate
+
+    adapter = TinyModelAdapter()
+    model = adapter.load("testing:tiny-resnet", device=torch.device("cpu"))
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 3, 16, 16), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(DataError, match="the test split is empty"):
+        evaluate(model, adapter, torch.utils.data.DataLoader(empty, batch_size=8), torch.device("cpu"))
+    some = torch.utils.data.TensorDataset(torch.zeros(4, 3, 16, 16), torch.zeros(4, dtype=torch.long))
+    assert "top1" in evaluate(model, adapter, torch.utils.data.DataLoader(some, batch_size=8), torch.device("cpu"))
+
+
+COUNT_FLAGS = [(["apply", "testing:tiny-resnet"], flag, value)
+               for flag in ("--eval-samples", "--calib-samples") for value in ("0", "-5", "ten")]
+COUNT_FLAGS += [(["eval", "some-run"], "--eval-samples", value) for value in ("0", "-5", "ten")]
+
+
+@pytest.mark.parametrize("command,flag,value", COUNT_FLAGS)
+def test_sample_counts_below_one_are_refused_by_the_parser(capsys, command, flag, value) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as info:
+        main([*command, flag, value])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and flag in err
+    assert ("at least 1" in err) if value != "ten" else ("whole number" in err)
+
+
+def test_positive_int_accepts_counts_from_one() -> None:
+    from quantplug.cli import positive_int
+
+    assert positive_int("1") == 1 and positive_int("2048") == 2048
