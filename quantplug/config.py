@@ -63,6 +63,24 @@ def granularity_from_dict(data: Mapping[str, Any] | str) -> Granularity:
 
 
 # --------------------------------------------------------------------------- quant spec
+def check_bits(bits: Any, role: str | None = None) -> None:
+    """Refuse a bit width the affine quantizer cannot use, with the fix for ``role`` (weight / activation)."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ConfigError(f"bit width must be an integer, got {bits!r}")
+    if MIN_BITS <= bits <= MAX_BITS:
+        return
+    if role == "activation":
+        need = f"activations need at least {MIN_BITS} bits" if bits < MIN_BITS else f"the most is {MAX_BITS}"
+        raise ConfigError(f"activation bit width {bits} is not supported: {need}; use {MIN_BITS} to {MAX_BITS}, or "
+                          "--a-bits 0 (or 32) to keep activations in full precision")
+    lowbit = "1-bit and ternary weights come from the quantplug-lowbit plugin"
+    if role == "weight":
+        raise ConfigError(f"weight bit width {bits} is not supported by the affine quantizer: use {MIN_BITS} to "
+                          f"{MAX_BITS} ({lowbit})")
+    raise ConfigError(f"bit width {bits} is not supported by the affine quantizer: use {MIN_BITS} to {MAX_BITS} "
+                      f"(activations need at least {MIN_BITS} bits; {lowbit})")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one tensor is quantized: bit width, symmetry and quantization granularity.
@@ -76,13 +94,7 @@ class QuantSpec:
     granularity: Granularity = field(default_factory=PerTensor)
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise ConfigError(f"bit width must be an integer, got {self.bits!r}")
-        if not MIN_BITS <= self.bits <= MAX_BITS:
-            raise ConfigError(
-                f"bit width {self.bits} is not supported by the affine quantizer: use {MIN_BITS} to {MAX_BITS} "
-                "(1-bit and ternary weights come from the quantplug-lowbit plugin)"
-            )
+        check_bits(self.bits)
 
     @property
     def qmin(self) -> int:
@@ -248,6 +260,8 @@ def _from_jsonable(tp: Any, data: Any, path: str = "") -> Any:
         if unknown:
             raise ConfigError(f"unknown field(s) {sorted(unknown)} for {tp.__name__}; known: {sorted(names)}")
         kwargs = {k: _from_jsonable(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+        if tp is QuantSpec and "bits" in kwargs:  # the recipe's weight or activation spec: a fix for that role
+            check_bits(kwargs["bits"], path.rsplit(".", 1)[-1] if path else None)
         return tp(**kwargs)
     if origin in (dict, Mapping) or tp in (dict, Mapping):
         if not isinstance(data, Mapping):

@@ -132,3 +132,23 @@ def test_positive_int_accepts_counts_from_one() -> None:
     from quantplug.cli import positive_int
 
     assert positive_int("1") == 1 and positive_int("2048") == 2048
+
+
+# --------------------------------------------------------------------------- 9. bit widths by role
+def test_one_bit_activations_say_activations_need_two_bits_not_the_lowbit_plugin(capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(Recipe(), {"activation.bits": 1})
+    text = str(info.value)
+    assert "activations need at least 2 bits" in text and "lowbit" not in text and "--a-bits 0" in text
+    code, _, err = run_cli(capsys, "apply", "testing:tiny-resnet", "--a-bits", "1", "--dry-run")
+    assert code == 2 and "activations need at least 2 bits" in err and "lowbit" not in err
+
+
+def test_one_bit_weights_still_point_to_the_lowbit_plugin() -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_overrides(Recipe(), {"weight.bits": 1})
+    assert "weight bit width 1" in str(info.value) and "quantplug-lowbit" in str(info.value)
+    with pytest.raises(ConfigError, match="2 to 8"):  # built directly: no role known, both hints
+        from quantplug.config import QuantSpec
+
+        QuantSpec(bits=1)
