@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from quantplug.errors import QuantplugError
+from quantplug.errors import ConfigError, QuantplugError
 
 logger = logging.getLogger("quantplug")
 
@@ -84,6 +84,18 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+#: apply's convenience flags (argparse destination -> flag); each sets recipe paths (``api.cli_overrides``)
+CONVENIENCE_FLAGS = {"w_bits": "--w-bits", "a_bits": "--a-bits", "calib_samples": "--calib-samples",
+                     "batch_size": "--batch-size", "iters": "--iters", "seed": "--seed", "cache": "--cache"}
+
+
+def _refuse_overlap(set_by: dict[str, str], path: str, text: str) -> None:
+    """A ``-o`` override may not set what a convenience flag sets (the same path, or one inside the other)."""
+    for flag_path, flag in set_by.items():
+        if path == flag_path or path.startswith(flag_path + ".") or flag_path.startswith(path + "."):
+            raise ConfigError(f"{flag} and -o {text} both set {min(path, flag_path, key=len)}: keep only one of them")
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     import torch
 
@@ -91,9 +103,18 @@ def cmd_apply(args: argparse.Namespace) -> int:
     from quantplug.config import parse_override
     from quantplug.distributed import init_from_environment, is_main_process, shutdown
 
-    overrides = cli_overrides(w_bits=args.w_bits, a_bits=args.a_bits, calib_samples=args.calib_samples,
-                              batch_size=args.batch_size, iters=args.iters, seed=args.seed, cache=args.cache)
-    overrides.update(dict(parse_override(o) for o in args.override))
+    overrides: dict[str, Any] = {}
+    set_by: dict[str, str] = {}  # recipe path -> the convenience flag that sets it
+    for attr, flag in CONVENIENCE_FLAGS.items():
+        value = getattr(args, attr)
+        if value is not None:
+            paths = cli_overrides(**{attr: value})
+            overrides.update(paths)
+            set_by.update(dict.fromkeys(paths, f"{flag} {value}"))
+    for text in args.override:
+        path, value = parse_override(text)
+        _refuse_overlap(set_by, path, text)
+        overrides[path] = value
     session = _session()
     model_id = args.model_id or session.default_model_id()
     out = None if args.no_save or args.dry_run else (args.out or _default_out(args.plugin, model_id))

@@ -152,3 +152,27 @@ def test_one_bit_weights_still_point_to_the_lowbit_plugin() -> None:
         from quantplug.config import QuantSpec
 
         QuantSpec(bits=1)
+
+
+# --------------------------------------------------------------------------- 4. a flag and -o on the same path
+@pytest.mark.parametrize(
+    "flags,override,needle",
+    [
+        (["--w-bits", "5"], "weight.bits=3", "--w-bits 5 and -o weight.bits=3 both set weight.bits"),
+        (["--a-bits", "0"], "activation.bits=4", "--a-bits 0 and -o activation.bits=4 both set activation"),
+        (["--a-bits", "4"], "activation=null", "--a-bits 4 and -o activation=null both set activation"),
+        (["--iters", "3"], "recon.iters=5", "--iters 3 and -o recon.iters=5 both set recon.iters"),
+        (["--seed", "1"], "calib={}", "--seed 1 and -o calib={} both set calib"),
+    ],
+)
+def test_a_flag_and_an_override_of_the_same_path_are_refused(capsys, flags, override, needle) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run_cli(capsys, "apply", "testing:tiny-resnet", *flags, "-o", override, "--dry-run")
+    assert code == 2 and needle in err and err.count("\n") == 1
+
+
+def test_a_flag_and_an_override_of_different_paths_combine(capsys) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = run_cli(capsys, "apply", "testing:tiny-resnet", "--w-bits", "5", "-o", "activation.bits=3",
+                             "-o", "weight.symmetric=true", "--dry-run", "--json")
+    assert code == 0, err
+    weight = __import__("json").loads(out)["recipe"]["weight"]
+    assert weight["bits"] == 5 and weight["symmetric"]
