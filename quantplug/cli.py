@@ -205,12 +205,14 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
+    from quantplug.api import resolve_device
     from quantplug.evaluate import evaluate
     from quantplug.export import load, read_manifest
 
+    device = resolve_device(args.device)  # a clear error for cuda without CUDA, before loading anything
     session = _session()
     manifest = read_manifest(args.run_dir)
-    model = load(args.run_dir, device=args.device, session=session)
+    model = load(args.run_dir, device=str(device), session=session)
     adapter = session.adapter_for(manifest["model_id"])
     data = args.data or manifest["data"]
     bound = adapter.bind_data(manifest["model_id"], data, manifest.get("model_options"))
@@ -218,7 +220,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     limit = args.eval_samples if args.eval_samples is not None else manifest.get("eval_samples")
     test = source.load(bound, "test", num_samples=limit, seed=0)
     loader = torch.utils.data.DataLoader(test, batch_size=64)
-    metrics = evaluate(model, adapter, loader, torch.device(args.device))
+    metrics = evaluate(model, adapter, loader, device)
     if args.json:
         print(json.dumps({"run": args.run_dir, "data": data, "metrics": metrics}, indent=2))
     else:
@@ -251,7 +253,7 @@ def build_parser(session_commands: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a saved run directory")
     p.add_argument("run_dir")
     p.add_argument("--data", default=None, help="data spec (default: the run's data)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
     p.add_argument("--eval-samples", type=positive_int, default=None,
                    help="limit the evaluation set, N >= 1 (default: the run's limit, else all)")
     p.add_argument("--json", action="store_true")

@@ -176,3 +176,25 @@ def test_a_flag_and_an_override_of_different_paths_combine(capsys) -> None:  # t
     assert code == 0, err
     weight = __import__("json").loads(out)["recipe"]["weight"]
     assert weight["bits"] == 5 and weight["symmetric"]
+
+
+# --------------------------------------------------------------------------- 5. eval checks the device first
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from quantplug.api import apply
+
+    out = str(tmp_path_factory.mktemp("runs") / "tiny")
+    apply("nearest", "testing:tiny-resnet", data="synthetic:images", overrides={"calib.num_samples": 16},
+          eval_samples=16, out_dir=out, evaluate_fp=False)
+    return out
+
+
+def test_eval_on_cuda_without_cuda_is_one_clear_line(capsys, monkeypatch, saved_run) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, out, err = run_cli(capsys, "eval", saved_run, "--device", "cuda")
+    assert code == 2 and "CUDA is not available; use --device cpu" in err and err.count("\n") == 1
+    assert out == ""
+    code, out, err = run_cli(capsys, "eval", saved_run, "--device", "cpu", "--json")
+    assert code == 0, err
