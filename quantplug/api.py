@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
 import platform
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -19,10 +19,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from quantplug.calibrate import calibrate_activations, calibrate_weights
 from quantplug.config import Recipe
 from quantplug.distributed import init_from_environment, is_main_process, shard_indices, world
-from quantplug.engine import ReconstructionEngine, RunContext, UnitRecord, describe_memory
+from quantplug.engine import CHECKPOINT_FILE, ReconstructionEngine, RunContext, UnitRecord, describe_memory
 from quantplug.errors import ConfigError, DataError
 from quantplug.evaluate import compare, evaluate
-from quantplug.export import save_run
+from quantplug.export import check_output_dir, save_run
 from quantplug.interfaces import ModelAdapter
 from quantplug.passes import ModelPasses
 from quantplug.plugins import Session
@@ -163,14 +163,77 @@ def apply(
 ) -> ApplyResult:
     """Quantize ``model_id`` with recipe ``plugin``; evaluate against full precision; save to ``out_dir``.
 
-    ``report`` receives the user-facing messages (the plan and the cache memory estimate) before the
-    long work starts; the CLI prints them.
+    ``out_dir`` is checked first (``quantplug.export.check_output_dir``: a new or empty directory, or an earlier
+    quantplug output, which is replaced once the new run is complete). With ``out_dir`` the reconstruction
+    checkpoints after every unit to ``OUT_DIR.checkpoint``; ``resume`` continues from there. ``report``
+    receives the user-facing messages (the plan and the cache memory estimate) before the long work starts;
+    the CLI prints them. A ``KeyboardInterrupt`` leaves with a note (``exc.__notes__``) saying whether the run
+    can be resumed.
     """
+    if out_dir is not None:
+        check_output_dir(out_dir)  # before loading anything: a refused --out wastes no time
+    if resume and not dry_run and out_dir is None:  # (a missing checkpoint is logged by the engine)
+        logger.warning("--resume has no effect without an output directory (--no-save): nothing was "
+                       "checkpointed, so the run starts from the first unit")
+    try:
+        return _apply(plugin, model_id, data=data, base=base, preset=preset, overrides=overrides, device=device,
+                      out_dir=out_dir, eval_samples=eval_samples, resume=resume, dry_run=dry_run,
+                      evaluate_fp=evaluate_fp, model_options=model_options, session=session, report=report)
+    except KeyboardInterrupt as exc:
+        exc.add_note(interrupt_hint(out_dir))
+        raise
+
+
+def checkpoint_dir(out_dir: str) -> str:
+    """Where a run saved to ``out_dir`` checkpoints its reconstruction: the sibling ``OUT_DIR.checkpoint``."""
+    return os.path.abspath(out_dir) + ".checkpoint"
+
+
+def checkpoint_file(out_dir: str) -> str:
+    return os.path.join(checkpoint_dir(out_dir), CHECKPOINT_FILE)
+
+
+def remove_checkpoint(out_dir: str) -> None:
+    """Delete the run's checkpoint file and its directory if nothing else is in it (never a stranger's files)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(checkpoint_file(out_dir))
+    with contextlib.suppress(OSError):
+        os.rmdir(checkpoint_dir(out_dir))
+
+
+def interrupt_hint(out_dir: str | None) -> str:
+    """What an interrupted run can do next: resume only if a checkpoint was written."""
+    if out_dir is not None and os.path.exists(checkpoint_file(out_dir)):
+        return (f"the same command with --resume continues from the last finished unit "
+                f"(checkpoint {checkpoint_dir(out_dir)})")
+    if out_dir is None:
+        return "nothing was checkpointed (no output directory, e.g. --no-save), so the run must start over"
+    return "no unit had finished, so there is no checkpoint: the run must start over"
+
+
+def _apply(
+    plugin: str,
+    model_id: str | None,
+    *,
+    data: str | None,
+    base: str | None,
+    preset: str | None,
+    overrides: Mapping[str, Any] | None,
+    device: str,
+    out_dir: str | None,
+    eval_samples: int | None,
+    resume: bool,
+    dry_run: bool,
+    evaluate_fp: bool,
+    model_options: Mapping[str, Any] | None,
+    session: Session | None,
+    report: Callable[[str], None] | None,
+) -> ApplyResult:
     t0 = time.perf_counter()
     session = session or Session()
     recipe = resolve(session, plugin, base=base, preset=preset, overrides=overrides or {})
     model_id = model_id or session.default_model_id()
-    dev = init_from_environment(_device(device))  # joins torchrun's process group, if launched by it
+    dev = init_from_environment(resolve_device(device))  # joins torchrun's process group, if launched by it
     torch.manual_seed(recipe.calib.seed)
     adapter = session.adapter_for(model_id)
     data = data or adapter.default_data(model_id)
@@ -195,10 +258,12 @@ def apply(
     scheduler = session.make("scheduler", recipe.scheduler)
     scheduler.bind(fp_model)
     plan = scheduler.plan(blocks)
-    ckpt = (os.path.abspath(out_dir) + ".checkpoint") if out_dir else None
+    ckpt = checkpoint_dir(out_dir) if out_dir else None
+    identity = {"model_id": absolute_spec(model_id), "model_options": dict(model_options or {}),
+                "data": absolute_spec(data), "calib_samples": len(calib_set), "calib_seed": recipe.calib.seed}
     run = RunContext(session, recipe, adapter, fp_model, q_model, blocks, [b[0] for b in shard],
                      [b[1] for b in shard], dev, seed=recipe.calib.seed, checkpoint_dir=ckpt, plan=plan,
-                     model_id=model_id)
+                     model_id=model_id, identity=identity)
     policy = session.make("activation_policy", recipe.activation_policy)
     memory = describe_memory(run, plan, recipe.recon.cache, policy.needs_fp_inputs)
     logger.info(memory)
@@ -246,17 +311,36 @@ def apply(
     if out_dir:
         bit_map = layer_bits(q_model, adapter.quantizable_layers(fp_model))  # after any bit-allocation pass
         save_run(q_model, build_manifest(session, result, data, eval_samples, bit_map, dev, model_options), out_dir)
-        if ckpt:
-            shutil.rmtree(ckpt, ignore_errors=True)
+        remove_checkpoint(out_dir)
     session.pm.hook.on_run_end(run=run, result=result)
     return result
 
 
-def _device(device: str) -> torch.device:
-    dev = torch.device(device)
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ``ConfigError`` for a malformed name or CUDA on a machine without it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a device name ({exc}); use e.g. --device cpu or cuda") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     return dev
+
+
+# schemes whose rest is a name, never a path (a directory of that name in the working directory is irrelevant)
+NAME_SCHEMES = frozenset({"testing", "synthetic", "zoo", "torchvision", "fmnist", "fmnist-subset", "austen"})
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` (a model id or data spec, ``SCHEME:REST[?QUERY]``) with a relative REST that names an existing
+    file or directory made absolute, so a saved run can be evaluated from any directory: ``local:seq.pt`` ->
+    ``local:/abs/seq.pt``, ``tensors:good.pt`` -> ``tensors:/abs/good.pt``. Hub ids (``hf:org/name`` without
+    such a local directory), name schemes (``synthetic:images``, ``zoo:...``) and absolute paths are kept."""
+    head, qmark, query = spec.partition("?")
+    scheme, colon, rest = head.partition(":")
+    if not colon or not rest or scheme in NAME_SCHEMES or os.path.isabs(rest) or not os.path.exists(rest):
+        return spec
+    return f"{scheme}:{os.path.abspath(rest)}{qmark}{query}"
 
 
 def build_manifest(session: Session, result: ApplyResult, data: str, eval_samples: int | None,
@@ -270,9 +354,9 @@ def build_manifest(session: Session, result: ApplyResult, data: str, eval_sample
         providers[f"{kind}:{ref.name}"] = session.registry(kind).entry(ref.name).provider
     versions = {p["name"]: p.get("version", "unknown") for p in session.plugin_report()}
     return {
-        "model_id": result.model_id,
+        "model_id": absolute_spec(result.model_id),
         "model_options": dict(model_options or {}),
-        "data": data,
+        "data": absolute_spec(data),
         "eval_samples": eval_samples,
         "recipe": recipe.to_dict(),
         "providers": providers,

@@ -46,6 +46,10 @@ from quantplug.tensors import to_device as _to_device
 logger = logging.getLogger(__name__)
 
 
+CHECKPOINT_FILE = "checkpoint.pt"  # inside RunContext.checkpoint_dir
+CHECKPOINT_VERSION = 2  # 2: records the run's identity (model, options, data, calibration set) beside the recipe
+
+
 class _StopForward(Exception):
     pass
 
@@ -90,6 +94,9 @@ class RunContext:
     plan: list[ReconUnit] = field(default_factory=list)
     records: list[UnitRecord] = field(default_factory=list)
     model_id: str = ""
+    # what the run was built from (model id, model options, data spec, calibration sample count and seed), saved
+    # in the reconstruction checkpoint and compared on resume: a checkpoint never continues on other inputs
+    identity: dict[str, Any] = field(default_factory=dict)
 
     def block(self, name: str) -> UnitSpec:
         for b in self.blocks:
@@ -274,7 +281,16 @@ class ReconstructionEngine:
     # ------------------------------------------------------------------ checkpoint
     def _ckpt_path(self) -> str | None:
         d = self.run.checkpoint_dir
-        return os.path.join(d, "checkpoint.pt") if d else None
+        return os.path.join(d, CHECKPOINT_FILE) if d else None
+
+    def checkpoint_identity(self) -> dict[str, Any]:
+        """What a checkpoint must match to be resumed: the run's identity, the recipe and the unit plan."""
+        return {
+            "model_id": self.run.model_id,
+            **self.run.identity,
+            "recipe": self.run.recipe.to_dict(),
+            "plan": [asdict(u) for u in self.run.plan],
+        }
 
     def save_checkpoint(self, next_index: int) -> None:
         path = self._ckpt_path()
@@ -284,9 +300,11 @@ class ReconstructionEngine:
         tmp = path + ".tmp"
         torch.save(
             {
+                "checkpoint_version": CHECKPOINT_VERSION,
                 "next_unit": next_index,
                 "state": self.run.q_model.state_dict(),
                 "records": [asdict(r) for r in self.run.records],
+                "identity": self.checkpoint_identity(),
                 "plan": [asdict(u) for u in self.run.plan],
                 "recipe": self.run.recipe.to_dict(),
             },
@@ -295,22 +313,47 @@ class ReconstructionEngine:
         os.replace(tmp, path)
 
     def load_checkpoint(self) -> int:
+        """The step to continue from (0 without a checkpoint); refuses a checkpoint of another run."""
         path = self._ckpt_path()
-        if path is None or not os.path.exists(path):
+        if path is None:
+            return 0
+        if not os.path.exists(path):
+            logger.info("--resume: no checkpoint at %s; starting from the first unit", path)
             return 0
         try:
             data = torch.load(path, map_location=self.run.device, weights_only=False)
         except Exception as exc:
             raise ArtifactError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
-        if data.get("recipe") != self.run.recipe.to_dict():
+        self._check_checkpoint_identity(path, data)
+        try:
+            self.run.q_model.load_state_dict(data["state"])
+            self.run.records = [UnitRecord(**r) for r in data["records"]]
+            next_unit = int(data["next_unit"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise ArtifactError(f"checkpoint {path} does not fit this run ({exc}); drop --resume to start over "
+                                "(the checkpoint is then replaced)") from exc
+        logger.info("resuming after unit %d of %d", next_unit, len(self.run.plan))
+        return next_unit
+
+    def _check_checkpoint_identity(self, path: str, data: dict[str, Any]) -> None:
+        """Refuse a checkpoint written with another model, model options, data, calibration set, recipe or plan.
+
+        A checkpoint from before identities were recorded (no ``identity``) is accepted with a warning when its
+        recipe and plan match: its model and data cannot be checked."""
+        saved = data.get("identity")
+        if saved is None:
+            current = {"recipe": self.run.recipe.to_dict(), "plan": [asdict(u) for u in self.run.plan]}
+            saved = {k: data.get(k) for k in current}
+            logger.warning("checkpoint %s does not record its model and data (written by an older quantplug): "
+                           "resuming on the assumption that they are the same as this run's", path)
+        else:
+            current = self.checkpoint_identity()
+        differing = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+        if differing:
+            details = "; ".join(_describe_difference(k, saved.get(k), current.get(k)) for k in differing)
             raise ArtifactError(
-                f"checkpoint {path} was written by a run with a different recipe; "
-                "use the same options to resume, or delete the checkpoint to start over"
-            )
-        self.run.q_model.load_state_dict(data["state"])
-        self.run.records = [UnitRecord(**r) for r in data["records"]]
-        logger.info("resuming after unit %d of %d", data["next_unit"], len(self.run.plan))
-        return int(data["next_unit"])
+                f"checkpoint {path} was written by a run with other settings ({details}); resume with the original "
+                "settings, or drop --resume to start over (the checkpoint is then replaced)")
 
     # ------------------------------------------------------------------ main loop
     def reconstruct(self, resume: bool = False,
@@ -514,6 +557,22 @@ class ReconstructionEngine:
             count += sl.stop - sl.start
         total, count = sum_over_ranks([total, count], self.run.device)  # the mean over every rank's samples
         return total / max(count, 1)
+
+
+def _describe_difference(key: str, saved: Any, current: Any) -> str:
+    if key == "recipe" and isinstance(saved, dict) and isinstance(current, dict):
+        paths = _differing_paths(saved, current, "recipe")
+        return "recipe differs at " + ", ".join(paths[:5]) + (" ..." if len(paths) > 5 else "")
+    if key == "plan":  # long: the field name says enough
+        return "the unit plan differs"
+    return f"{key}: checkpoint {saved!r}, now {current!r}"
+
+
+def _differing_paths(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [p for k in sorted(set(a) | set(b), key=str) for p in _differing_paths(a.get(k), b.get(k),
+                                                                                      f"{prefix}.{k}")]
+    return [] if a == b else [prefix]
 
 
 def harden_layer(layer: QuantLayer) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,32 +24,98 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from quantplug.config import Recipe
-from quantplug.errors import ArtifactError
+from quantplug.errors import ArtifactError, ConfigError
 
 MANIFEST = "quantplug.json"
 WEIGHTS = "model.safetensors"
 FORMAT_VERSION = 1
 
 
+def check_output_dir(out_dir: str | os.PathLike[str]) -> str:
+    """The absolute path of ``out_dir`` if a run may be written there, else a ``ConfigError`` saying what to do.
+
+    Allowed: a path that does not exist yet (missing parents are created), an empty directory, or an earlier
+    quantplug output (a directory holding ``quantplug.json``), which is replaced as a whole once the new one is
+    complete. Refused: a file, a symbolic link, a non-empty directory without ``quantplug.json`` (it is not ours
+    to delete), the current working directory or one of its parents, and a parent that is not a writable
+    directory. ``apply`` calls this before loading anything; ``atomic_directory`` again before replacing.
+    """
+    raw = os.fspath(out_dir)
+    target = os.path.abspath(raw)
+    cwd = os.path.realpath(os.getcwd())
+    real = os.path.realpath(target)
+    if cwd == real or cwd.startswith(real.rstrip(os.sep) + os.sep):
+        raise ConfigError(f"--out {raw} is the current directory or one of its parents, which would be replaced "
+                          "by the run; choose a new directory for --out, e.g. runs/NAME")
+    if os.path.islink(target):
+        raise ConfigError(f"--out {raw} is a symbolic link; pass the directory it points to, or choose another --out")
+    if os.path.lexists(target):
+        if not os.path.isdir(target):
+            raise ConfigError(f"--out {raw} exists and is a file, not a run directory; choose another --out or "
+                              "remove the file")
+        if os.listdir(target) and not os.path.isfile(os.path.join(target, MANIFEST)):
+            raise ConfigError(f"--out {raw} is a non-empty directory that is not a quantplug output (it has no "
+                              f"{MANIFEST}), and it would be replaced as a whole; choose another --out (a new or "
+                              "empty directory) or remove it yourself")
+    ancestor = os.path.dirname(target)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConfigError(f"--out {raw}: {ancestor} is a file, so the output directory cannot be created there; "
+                          "choose another --out")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {raw}: cannot write to {ancestor} (permission denied); choose an --out in a "
+                          "directory you can write to")
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def publish_modes(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` (a file, or a directory and everything in it) the modes a plain ``mkdir`` / ``open`` gives
+    under the user's umask: ``mkdtemp`` / ``mkstemp`` create 0700 / 0600, which colleagues cannot read."""
+    mask = _umask()
+    dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    root = os.fspath(path)
+    if not os.path.isdir(root):
+        os.chmod(root, file_mode)
+        return
+    for directory, _, files in os.walk(root):
+        os.chmod(directory, dir_mode)
+        for name in files:
+            file = os.path.join(directory, name)
+            if not os.path.islink(file):
+                os.chmod(file, file_mode)
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike[str]) -> Iterator[str]:
-    """Yield a temporary sibling directory of ``out_dir``; on success rename it to ``out_dir`` (replacing it).
+    """Yield a temporary sibling directory of ``out_dir``; on success rename it to ``out_dir``.
 
-    On any error the temporary directory is removed and ``out_dir`` is left as it was.
+    ``out_dir`` must pass ``check_output_dir`` (checked before and again just before the rename): an earlier
+    quantplug output there is replaced; anything else is refused. On any error the temporary directory is
+    removed and ``out_dir`` is left as it was.
     """
-    target = os.path.abspath(os.fspath(out_dir))
+    target = check_output_dir(out_dir)
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".quantplug-tmp-", dir=parent)
     try:
         yield tmp
-        if os.path.exists(target):
-            backup = target + ".old"
-            shutil.rmtree(backup, ignore_errors=True)
+        check_output_dir(out_dir)  # the directory may have changed while the run was working
+        publish_modes(tmp)
+        if os.path.isdir(target) and os.listdir(target):
+            backup = os.path.join(parent, f".quantplug-old-{uuid.uuid4().hex}")
             os.replace(target, backup)
             os.replace(tmp, target)
             shutil.rmtree(backup, ignore_errors=True)
         else:
+            if os.path.isdir(target):
+                os.rmdir(target)  # empty: replaced by the new run
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -57,13 +124,14 @@ def atomic_directory(out_dir: str | os.PathLike[str]) -> Iterator[str]:
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling file and a rename: readers (and an interrupted
-    writer) never see a half-written file. Creates the parent directory."""
+    writer) never see a half-written file. Creates the parent directory; the file gets the umask's mode."""
     target = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(target), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".quantplug-tmp-", dir=os.path.dirname(target))
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        publish_modes(tmp)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -99,7 +167,44 @@ def save_run(model: nn.Module, manifest: dict[str, Any], out_dir: str) -> str:
     return os.path.abspath(out_dir)
 
 
+# key -> (allowed types, required); "data" is what ``quantplug eval`` measures on without --data
+MANIFEST_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
+    "format_version": ((int,), True),
+    "model_id": ((str,), True),
+    "recipe": ((dict,), True),
+    "data": ((str,), True),
+    "model_options": ((dict, type(None)), False),
+    "bit_map": ((list, type(None)), False),
+    "eval_samples": ((int, type(None)), False),
+    "export": ((dict, type(None)), False),
+}
+
+
+def check_manifest(manifest: Any, path: str) -> None:
+    """Raise ``ArtifactError`` unless ``manifest`` has every required key with the right type."""
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a JSON object; the run directory is corrupt or from another tool: "
+                            "re-run `quantplug apply` to recreate it")
+    for key, (types, required) in MANIFEST_FIELDS.items():
+        if key not in manifest:
+            if required:
+                raise ArtifactError(f"{path} lacks {key!r}; the run directory is incomplete or from another tool: "
+                                    "re-run `quantplug apply` to recreate it")
+            continue
+        value = manifest[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            raise ArtifactError(f"{path}: {key!r} is {value!r} ({type(value).__name__}), not {names}; the "
+                                "manifest was edited or written by another tool: re-run `quantplug apply`")
+    version = manifest["format_version"]
+    if version < 1:
+        raise ArtifactError(f"{path} has format_version {version}; the manifest is corrupt: re-run `quantplug apply`")
+    if version > FORMAT_VERSION:
+        raise ArtifactError(f"{path} has format {version}; upgrade quantplug to read it")
+
+
 def read_manifest(run_dir: str) -> dict[str, Any]:
+    """The validated manifest of ``run_dir`` (``ArtifactError`` for a missing, corrupt or incomplete one)."""
     path = os.path.join(run_dir, MANIFEST)
     if not os.path.isdir(run_dir):
         raise ArtifactError(f"{run_dir} is not a directory; pass the output directory of `quantplug apply`")
@@ -110,11 +215,7 @@ def read_manifest(run_dir: str) -> dict[str, Any]:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"{path} is corrupt ({exc}); re-run `quantplug apply` to recreate it") from exc
-    for key in ("model_id", "recipe", "format_version"):
-        if key not in manifest:
-            raise ArtifactError(f"{path} lacks {key!r}; the run directory is incomplete or from another tool")
-    if manifest["format_version"] > FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format {manifest['format_version']}; upgrade quantplug to read it")
+    check_manifest(manifest, path)
     return manifest
 
 
@@ -147,7 +248,10 @@ def build_from_manifest(manifest: dict[str, Any], device: str | torch.device = "
 
 
 def load(run_dir: str, *, device: str | torch.device = "cpu", session: Any = None) -> nn.Module:
-    """Rebuild the quantized model saved in ``run_dir``."""
+    """Rebuild the quantized model saved in ``run_dir`` on ``device`` (``ConfigError`` if it is unavailable)."""
+    from quantplug.api import resolve_device
+
+    device = resolve_device(device)
     manifest = read_manifest(run_dir)
     fmt = manifest.get("export", {}).get("format")
     if fmt == "int":
