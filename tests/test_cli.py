@@ -98,9 +98,12 @@ def test_debug_shows_traceback() -> None:
 
 
 def test_incompatible_components_error(capsys) -> None:  # type: ignore[no-untyped-def]
-    code, _, err = run_cli(capsys, "apply", "--a-bits", "0", "-o", "recon.learn_act_step=true", "-o",
+    code, _, err = run_cli(capsys, "apply", "-o", "activation=null", "-o", "recon.learn_act_step=true", "-o",
                            "recon.iters=5", "--calib-samples", "16")
     assert code != 0 and "needs quantized activations" in err
+    # the same request through --a-bits 0, which itself sets recon.learn_act_step: the flag and -o collide
+    code, _, err = run_cli(capsys, "apply", "--a-bits", "0", "-o", "recon.learn_act_step=true")
+    assert code == 2 and "--a-bits 0 and -o recon.learn_act_step=true" in err
 
 
 @pytest.mark.slow
