@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from quantplug.errors import ConfigError, QuantplugError
+from quantplug.progress import set_quiet
 
 logger = logging.getLogger("quantplug")
 
@@ -231,11 +232,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- parser
+def _global_options(in_subcommand: bool) -> argparse.ArgumentParser:
+    """--debug, --verbose and --quiet, accepted before the command and after it.
+
+    After the command their default is "not given" (SUPPRESS), so a flag given before it is kept."""
+    parser = argparse.ArgumentParser(add_help=False)
+    default: Any = argparse.SUPPRESS if in_subcommand else False
+    parser.add_argument("--debug", action="store_true", default=default, help="show tracebacks and debug logs")
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="log progress messages")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="no progress bars; log only warnings and errors")
+    return parser
+
+
+def _with_global_options(sub: Any) -> None:
+    """Every subcommand, plugins' included, gets the global options (``quantplug apply ... --debug``)."""
+    add_parser = sub.add_parser
+    common = _global_options(in_subcommand=True)
+
+    def add_parser_with_globals(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs["parents"] = [*kwargs.get("parents", ()), common]
+        return add_parser(name, **kwargs)  # type: ignore[no-any-return]
+
+    sub.add_parser = add_parser_with_globals
+
+
 def build_parser(session_commands: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quantplug", description="Post-training quantization, every method a plugin.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    parser = argparse.ArgumentParser(prog="quantplug", description="Post-training quantization, every method a plugin.",
+                                     parents=[_global_options(in_subcommand=False)])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _with_global_options(sub)
     _add_apply(sub)
     p = sub.add_parser("plugins", help="list installed plugins and what they register (JSON)")
     p.set_defaults(func=cmd_plugins)
@@ -277,8 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
-        level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+        debug = args.debug
+        quiet = args.quiet and not debug
+        level = logging.DEBUG if debug else logging.INFO if args.verbose and not quiet else logging.WARNING
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        set_quiet(quiet)
         if getattr(args, "func", None) is None:
             parser.print_help()
             return 2

@@ -198,3 +198,82 @@ def test_eval_on_cuda_without_cuda_is_one_clear_line(capsys, monkeypatch, saved_
     assert out == ""
     code, out, err = run_cli(capsys, "eval", saved_run, "--device", "cpu", "--json")
     assert code == 0, err
+
+
+# --------------------------------------------------------------------------- 6. / 7. global options, progress bars
+@pytest.fixture
+def reset_quiet():  # type: ignore[no-untyped-def]
+    from quantplug.progress import set_quiet
+
+    yield
+    set_quiet(False)
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_global_options_work_before_and_after_the_command(where: str) -> None:
+    from quantplug.cli import build_parser
+
+    parser = build_parser()
+    for flag, attr in (("--debug", "debug"), ("--quiet", "quiet"), ("-q", "quiet"), ("-v", "verbose")):
+        argv = [flag, "eval", "RUN"] if where == "before" else ["eval", "RUN", flag]
+        args = parser.parse_args(argv)
+        assert getattr(args, attr) is True and args.run_dir == "RUN"
+        others = {"debug", "quiet", "verbose"} - {attr}
+        assert not any(getattr(args, o) for o in others)
+    args = parser.parse_args(["new-plugin", "x", "--kind", "loss", "--debug"])  # a plugin-registered command too
+    assert args.debug
+
+
+def test_debug_after_the_command_shows_the_traceback(capsys) -> None:  # type: ignore[no-untyped-def]
+    from quantplug.errors import UnknownComponentError
+
+    with pytest.raises(UnknownComponentError):
+        main(["apply", "--plugin", "qdorp", "--debug"])
+    code, _, err = run_cli(capsys, "apply", "--plugin", "qdorp")
+    assert code == 2 and "Traceback" not in err
+
+
+def test_progress_bars_only_on_a_terminal_unless_forced(monkeypatch, reset_quiet) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from quantplug.progress import progress_bar, progress_enabled, set_quiet
+
+    def drawn() -> str:
+        buffer = io.StringIO()  # not a TTY, like a log file
+        for _ in progress_bar(range(3), file=buffer, mininterval=0, desc="work"):
+            pass
+        return buffer.getvalue()
+
+    monkeypatch.delenv("QUANTPLUG_PROGRESS")
+    assert progress_enabled() is None and drawn() == ""
+    monkeypatch.setenv("QUANTPLUG_PROGRESS", "1")
+    assert progress_enabled() is True and "work" in drawn()
+    monkeypatch.setenv("QUANTPLUG_PROGRESS", "0")
+    assert progress_enabled() is False and drawn() == ""
+    monkeypatch.setenv("QUANTPLUG_PROGRESS", "1")
+    set_quiet(True)
+    assert progress_enabled() is False and drawn() == ""
+
+
+@pytest.mark.parametrize("argv,level", [(["-v", "list", "loss"], "INFO"),
+                                        (["-v", "list", "loss", "--quiet"], "WARNING"),
+                                        (["--quiet", "-v", "list", "loss"], "WARNING"),
+                                        (["list", "loss", "--debug"], "DEBUG")])
+def test_quiet_lowers_logging_to_warnings(monkeypatch, capsys, reset_quiet, argv, level) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    from quantplug import progress
+
+    levels: list[int] = []
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: levels.append(kw["level"]))
+    assert main(argv) == 0
+    assert levels == [getattr(logging, level)]
+    assert progress._quiet is ("--quiet" in argv)
+
+
+def test_quiet_run_draws_no_bars_even_when_forced(capsys, monkeypatch, reset_quiet) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("QUANTPLUG_PROGRESS", "1")
+    code, _, err = run_cli(capsys, *TINY)
+    assert code == 0 and "evaluate quantized" in err  # forced on: bars even into a captured stderr
+    code, _, err = run_cli(capsys, *TINY, "--quiet")
+    assert code == 0 and "evaluate" not in err
