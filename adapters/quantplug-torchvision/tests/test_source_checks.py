@@ -40,3 +40,26 @@ def test_empty_calibration_split_and_non_positive_counts_are_data_errors(tmp_pat
             TensorFileSource().load(spec, "train", num_samples=n, seed=0)
         with pytest.raises(DataError, match="at least 1"):
             TensorFileSource().load(spec, "test", num_samples=n, seed=0)
+
+
+class _NotATensor:
+    pass
+
+
+def test_an_unreadable_tensor_file_is_one_line_without_the_unsafe_advice(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file" * 8)
+    pickled = tmp_path / "objects.pt"
+    torch.save({"train": _NotATensor()}, pickled)
+    saved = tmp_path / "ok.pt"
+    torch.save({"train": (torch.zeros(2, 1), torch.zeros(2))}, saved)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(saved.read_bytes()[:100])
+    for path, reason in ((garbage, "Unsupported operand"), (pickled, "Unsupported global"),
+                         (truncated, "failed reading zip archive")):
+        with pytest.raises(DataError) as info:
+            TensorFileSource().load(f"tensors:{path}", "train", num_samples=2, seed=0)
+        text = str(info.value)
+        assert "\n" not in text and reason in text and "weights_only" not in text
+        assert len(text) - len(str(path)) < 250  # before: about 900 characters of torch advice
+        assert "torch.save({'train': (x, y), 'test': (x, y)})" in text

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Any
 
 import torch
@@ -128,6 +129,17 @@ class ImageFolderSource(DataSource):
         return _pick(dataset, num_samples, seed, split, spread_test=True, spec=spec)
 
 
+def load_failure_reason(exc: BaseException) -> str:
+    """The one-line reason of a failed ``torch.load(weights_only=True)``, without torch's advice to retry with
+    ``weights_only=False`` (which runs arbitrary code from the file)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    _, marker, detail = text.partition("WeightsUnpickler error:")
+    if marker:
+        text = detail
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return first.split(". ")[0].rstrip(".")
+
+
 class TensorFileSource(DataSource):
     """Tensors saved with ``torch.save``: ``{"train": (x, y), "test": (x, y)}`` or one ``(x, y)`` pair."""
 
@@ -141,7 +153,9 @@ class TensorFileSource(DataSource):
         try:
             obj: Any = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise DataError(f"{path} is not a readable torch.save file of tensors: {exc}") from exc
+            raise DataError(f"{path} is not a readable torch.save file of tensors ({load_failure_reason(exc)}); "
+                            "write it again with torch.save({'train': (x, y), 'test': (x, y)}) holding only "
+                            "tensors") from exc
         if isinstance(obj, dict):
             if _split(split) not in obj:
                 raise DataError(f"{path} has no {split!r} entry; keys: {sorted(obj)}")
