@@ -9,7 +9,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -244,6 +244,12 @@ def _apply(
         logger.info("data %s for %s: %s", data, model_id, bound)
     source = session.data_source_for(bound)
     calib_set = source.load(bound, "train", num_samples=recipe.calib.num_samples, seed=recipe.calib.seed)
+    used = len(calib_set)  # type: ignore[arg-type]
+    if used == 0:
+        raise DataError(f"the calibration (train) split of {bound} is empty: give data with training samples")
+    if used < recipe.calib.num_samples:  # the source said so; the manifest records the count actually used
+        logger.info("calibrating on %d samples (%d asked for)", used, recipe.calib.num_samples)
+        recipe = replace(recipe, calib=replace(recipe.calib, num_samples=used))
     _check_finite(calib_set, "calibration")
     calib = _batches(calib_set, recipe.calib.batch_size)
     calib_inputs = [b[0] for b in calib]

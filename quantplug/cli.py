@@ -312,8 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("quantplug: interrupted; a run with --out can continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        notes = getattr(exc, "__notes__", None)  # apply notes whether a checkpoint can be resumed
+        print(f"quantplug: interrupted; {notes[-1]}" if notes else "quantplug: interrupted", file=sys.stderr)
         return 130
     except (QuantplugError, FileNotFoundError) as exc:
         if debug:

@@ -277,3 +277,25 @@ def test_quiet_run_draws_no_bars_even_when_forced(capsys, monkeypatch, reset_qui
     assert code == 0 and "evaluate quantized" in err  # forced on: bars even into a captured stderr
     code, _, err = run_cli(capsys, *TINY, "--quiet")
     assert code == 0 and "evaluate" not in err
+
+
+def test_the_recipe_records_the_calibration_samples_actually_used(session) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from quantplug.api import apply
+    from quantplug.interfaces import DataSource
+
+    class Forty(DataSource):
+        """40 calibration images, whatever is asked."""
+
+        name = "forty"
+        prefixes = ("forty",)
+
+        def load(self, spec, split, *, num_samples, seed):  # type: ignore[no-untyped-def]
+            n = 40 if split == "train" else 8
+            return torch.utils.data.TensorDataset(torch.randn(n, 3, 16, 16), torch.zeros(n, dtype=torch.long))
+
+    session.data_sources.register(Forty, "test")
+    result = apply("nearest", "testing:tiny-resnet", data="forty:x", session=session,
+                   overrides={"calib.num_samples": 1000})
+    assert result.recipe.calib.num_samples == 40  # 1000 asked for, 40 given: the manifest says 40
