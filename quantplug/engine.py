@@ -66,6 +66,9 @@ class UnitRecord:
     iters: int
     seconds: float
     pass_name: str = "joint"
+    #: processor time of the unit (all threads of this process), which machine load does not inflate; None in
+    #: records written before it was recorded
+    cpu_seconds: float | None = None
 
 
 def recon_passes(recipe: Recipe) -> list[str]:
@@ -386,7 +389,7 @@ class ReconstructionEngine:
                 layer.input_quantizer.enabled = pass_name != "weights"
 
     def reconstruct_unit(self, index: int, unit: ReconUnit, pass_name: str = "joint") -> UnitRecord:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         work = self.setup_unit(index, unit, pass_name)  # calls self.loss.begin(run, unit)
         loss_before = work.loss_before
         budget = self.run.recipe.recon.act_iters if pass_name == "activations" else self.run.recipe.recon.iters
@@ -398,7 +401,7 @@ class ReconstructionEngine:
         self.loss.end(self.run, unit)
         work.close()
         record = UnitRecord(index, unit.name, work.names, loss_before, loss_after, iters, time.perf_counter() - t0,
-                            pass_name)
+                            pass_name, time.process_time() - cpu0)
         logger.info("unit %s (%s): loss %.4g -> %.4g (%d iters, %.1fs)", unit.name, pass_name, loss_before,
                     loss_after, iters, record.seconds)
         return record

@@ -123,3 +123,24 @@ def test_time_to_accuracy_against_the_official_run(tmp_path: Path) -> None:
         "of its CPU time (target: at most 20 %: met)",
     ]
     assert "Time to accuracy" in summary.render(summary.load([path]))
+
+
+def test_a_resumed_official_run_counts_its_units_cpu_time(tmp_path: Path) -> None:
+    """A run resumed from a checkpoint spans processes: its last process's CPU time is not the run's."""
+    summary = load_summary()
+    units = [{"seconds": 900.0, "cpu_seconds": 800.0}, {"seconds": 900.0, "cpu_seconds": 1200.0}]
+    resumed = {"seed": 0, "quant": {"top1": 86.0}, "cpu_seconds": 950.0, "seconds": 1000.0, "unit_records": units}
+    assert summary.run_cpu_seconds(resumed) == 2000.0  # 1 800 s of units in a 1 000 s process: the units' CPU
+    old = [{"seconds": 900.0}, {"seconds": 900.0, "cpu_seconds": 1200.0}]  # first unit from before CPU was kept
+    assert summary.run_cpu_seconds({**resumed, "unit_records": old}) is None
+    whole = {**resumed, "seconds": 5000.0}  # one process did it all: its own CPU time
+    assert summary.run_cpu_seconds(whole) == 950.0
+    for records, cost in ((units, "in 15.0 % of its CPU time"), (old, "CPU share not measured")):
+        path = _write(tmp_path / "fidelity-r.json", [
+            {"model": "m", "setting": "W2A4", "method": "qdrop#official",
+             "runs": [{**resumed, "unit_records": records}]},
+            {"model": "m", "setting": "W2A4", "method": "qdrop#cpu-fast",
+             "runs": [{**_run(85.9), "cpu_seconds": 300.0}]},
+        ])
+        (line,) = summary.time_to_accuracy_lines(summary.load([path]), "m")
+        assert line.startswith("- W2A4 qdrop, preset cpu-fast: 85.90 vs official 86.00: -0.10 points") and cost in line
