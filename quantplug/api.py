@@ -28,6 +28,7 @@ from quantplug.passes import ModelPasses
 from quantplug.plugins import Session
 from quantplug.prepare import LayerBits, layer_bits, prepare_model
 from quantplug.recipes import resolve_recipe
+from quantplug.tensors import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -266,7 +267,7 @@ def _apply(
     plan = scheduler.plan(blocks)
     ckpt = checkpoint_dir(out_dir) if out_dir else None
     identity = {"model_id": absolute_spec(model_id), "model_options": dict(model_options or {}),
-                "data": absolute_spec(data), "calib_samples": len(calib_set), "calib_seed": recipe.calib.seed}
+                "data": absolute_spec(data), "calib_samples": used, "calib_seed": recipe.calib.seed}
     run = RunContext(session, recipe, adapter, fp_model, q_model, blocks, [b[0] for b in shard],
                      [b[1] for b in shard], dev, seed=recipe.calib.seed, checkpoint_dir=ckpt, plan=plan,
                      model_id=model_id, identity=identity)
@@ -320,17 +321,6 @@ def _apply(
         remove_checkpoint(out_dir)
     session.pm.hook.on_run_end(run=run, result=result)
     return result
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``device`` as a ``torch.device``; ``ConfigError`` for a malformed name or CUDA on a machine without it."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ConfigError(f"device {device!r} is not a device name ({exc}); use e.g. --device cpu or cuda") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return dev
 
 
 # schemes whose rest is a name, never a path (a directory of that name in the working directory is irrelevant)

@@ -206,9 +206,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
-    from quantplug.api import resolve_device
     from quantplug.evaluate import evaluate
     from quantplug.export import load, read_manifest
+    from quantplug.tensors import resolve_device
 
     device = resolve_device(args.device)  # a clear error for cuda without CUDA, before loading anything
     session = _session()

@@ -289,7 +289,6 @@ class ReconstructionEngine:
     def checkpoint_identity(self) -> dict[str, Any]:
         """What a checkpoint must match to be resumed: the run's identity, the recipe and the unit plan."""
         return {
-            "model_id": self.run.model_id,
             **self.run.identity,
             "recipe": self.run.recipe.to_dict(),
             "plan": [asdict(u) for u in self.run.plan],
@@ -308,6 +307,7 @@ class ReconstructionEngine:
                 "state": self.run.q_model.state_dict(),
                 "records": [asdict(r) for r in self.run.records],
                 "identity": self.checkpoint_identity(),
+                # also at the top, where checkpoints without an identity (version 1) kept them
                 "plan": [asdict(u) for u in self.run.plan],
                 "recipe": self.run.recipe.to_dict(),
             },

@@ -25,6 +25,7 @@ from torch import nn
 
 from quantplug.config import Recipe
 from quantplug.errors import ArtifactError, ConfigError
+from quantplug.tensors import resolve_device
 
 MANIFEST = "quantplug.json"
 WEIGHTS = "model.safetensors"
@@ -249,8 +250,6 @@ def build_from_manifest(manifest: dict[str, Any], device: str | torch.device = "
 
 def load(run_dir: str, *, device: str | torch.device = "cpu", session: Any = None) -> nn.Module:
     """Rebuild the quantized model saved in ``run_dir`` on ``device`` (``ConfigError`` if it is unavailable)."""
-    from quantplug.api import resolve_device
-
     device = resolve_device(device)
     manifest = read_manifest(run_dir)
     fmt = manifest.get("export", {}).get("format")

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from quantplug.errors import ConfigError
+
 __all__ = ["to_device"]
 
 
@@ -18,3 +20,14 @@ def to_device(x: Any, device: torch.device) -> Any:
     if isinstance(x, Mapping):
         return {k: to_device(v, device) for k, v in x.items()}
     return x
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``; ``ConfigError`` for a malformed name or CUDA on a machine without it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"device {device!r} is not a device name ({exc}); use e.g. --device cpu or cuda") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
