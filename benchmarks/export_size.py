@@ -116,7 +116,8 @@ def eval_inputs(session: Session, run_dir: Path, samples: int) -> Any:
     manifest = read_manifest(str(run_dir))
     adapter = session.adapter_for(manifest["model_id"])
     data = manifest["data"]
-    dataset = session.data_source_for(data).load(data, "test", num_samples=samples, seed=0)
+    dataset = session.model_data(manifest["model_id"], data, "test", num_samples=samples,
+                                 model_options=manifest.get("model_options"))
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=samples, shuffle=False)))
     inputs, _ = adapter.prepare_batch(batch, torch.device("cpu"))
     return inputs
@@ -128,7 +129,7 @@ def sample_budget(session: Session, model_id: str, data: str | None, samples: in
     data = data or adapter.default_data(model_id)
     if not data:
         raise SystemExit(f"{model_id} has no default data; pass --data {model_id}=SPEC")
-    dataset = session.data_source_for(data).load(data, "test", num_samples=1, seed=0)
+    dataset = session.model_data(model_id, data, "test", num_samples=1)
     inputs, _ = adapter.prepare_batch(next(iter(torch.utils.data.DataLoader(dataset, batch_size=1))),
                                       torch.device("cpu"))
     model = adapter.load(model_id, device=torch.device("cpu")).eval()

@@ -240,14 +240,11 @@ def _apply(
     data = data or adapter.default_data(model_id)
     if data is None:
         raise ConfigError(f"model {model_id!r} has no default data: pass --data (e.g. a directory or a data spec)")
-    bound = adapter.bind_data(model_id, data, model_options)  # e.g. the pretrained weights' preprocessing
-    if bound != data:
-        logger.info("data %s for %s: %s", data, model_id, bound)
-    source = session.data_source_for(bound)
-    calib_set = source.load(bound, "train", num_samples=recipe.calib.num_samples, seed=recipe.calib.seed)
+    calib_set = session.model_data(model_id, data, "train", num_samples=recipe.calib.num_samples,
+                                   seed=recipe.calib.seed, model_options=model_options)
     used = len(calib_set)  # type: ignore[arg-type]
     if used == 0:
-        raise DataError(f"the calibration (train) split of {bound} is empty: give data with training samples")
+        raise DataError(f"the calibration (train) split of {data} is empty: give data with training samples")
     if used < recipe.calib.num_samples:  # the source said so; the manifest records the count actually used
         logger.info("calibrating on %d samples (%d asked for)", used, recipe.calib.num_samples)
         recipe = replace(recipe, calib=replace(recipe.calib, num_samples=used))
@@ -258,7 +255,8 @@ def _apply(
     # data-parallel: observers and passes see every sample, the unit caches only this rank's shard
     shard = calib if world()[1] == 1 else _batches(Subset(calib_set, shard_indices(len(calib_set))),
                                                      recipe.calib.batch_size)
-    passes = ModelPasses(session, recipe, adapter, calib_inputs, calib_targets, dev)
+    passes = ModelPasses(session, recipe, adapter, calib_inputs, calib_targets, dev, model_id=model_id,
+                         model_options=model_options)
     fp_model, q_model = build_quant_model(adapter, model_id, recipe, dev, model_options,
                                           float_passes=lambda m: passes.run("float", m, fp_model=m))
     blocks = adapter.blocks(fp_model)
@@ -307,7 +305,7 @@ def _apply(
     if not is_main_process():  # every rank holds the same model: rank 0 evaluates and saves it
         result.seconds = time.perf_counter() - t0
         return result
-    test_set = source.load(bound, "test", num_samples=eval_samples, seed=0)
+    test_set = session.model_data(model_id, data, "test", num_samples=eval_samples, model_options=model_options)
     test = _stream(test_set, max(recipe.calib.batch_size, 64))  # read twice (fp, quantized), never held whole
     fp_metrics = evaluate(fp_model, adapter, test, dev, "evaluate fp") if evaluate_fp else {}
     q_metrics = evaluate(q_model, adapter, test, dev, "evaluate quantized")

@@ -216,10 +216,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load(args.run_dir, device=str(device), session=session)
     adapter = session.adapter_for(manifest["model_id"])
     data = args.data or manifest["data"]
-    bound = adapter.bind_data(manifest["model_id"], data, manifest.get("model_options"))
-    source = session.data_source_for(bound)
     limit = args.eval_samples if args.eval_samples is not None else manifest.get("eval_samples")
-    test = source.load(bound, "test", num_samples=limit, seed=0)
+    test = session.model_data(manifest["model_id"], data, "test", num_samples=limit,
+                              model_options=manifest.get("model_options"))
     loader = torch.utils.data.DataLoader(test, batch_size=64)
     metrics = evaluate(model, adapter, loader, device)
     if args.json:

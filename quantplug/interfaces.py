@@ -273,7 +273,9 @@ class PassContext:
     """What a ``ModelPass`` may use: the run's recipe, adapter, data and models.
 
     ``fp_model`` is the full-precision reference (BN folded; at stage ``float`` it is the model being
-    changed itself). ``calib_inputs`` / ``calib_targets`` are the calibration batches.
+    changed itself). ``calib_inputs`` / ``calib_targets`` are the calibration batches. ``model_id`` and
+    ``model_options`` name the run's model (None outside a run): a pass that loads more data loads it with
+    ``session.model_data(model_id, spec, split, model_options=...)`` so the adapter can complete the spec.
     """
 
     session: Any
@@ -286,6 +288,8 @@ class PassContext:
     seed: int
     stage: str
     info: dict[str, Any] = field(default_factory=dict)
+    model_id: str | None = None
+    model_options: Mapping[str, Any] | None = None
 
 
 class ModelPass(Component):

@@ -18,7 +18,7 @@ import importlib
 import importlib.metadata as md
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pluggy
@@ -265,6 +265,19 @@ class Session:
         raise QuantplugError(
             f"no installed data source understands {spec!r}. Known: {', '.join(prefixes) or 'none'}"
         )
+
+    def model_data(self, model_id: str, spec: str, split: str, *, num_samples: int | None = None, seed: int = 0,
+                   model_options: Mapping[str, Any] | None = None) -> Any:
+        """``split`` of ``spec`` as ``model_id`` needs it: the spec is first completed by the model's adapter
+        (:meth:`ModelAdapter.bind_data`, e.g. a pretrained model's preprocessing), then loaded by its source.
+
+        Every place that feeds a model data it did not get from ``apply`` (``quantplug eval``, the ONNX
+        exporter's example batch, QAT's ``data`` option, benchmarks) loads it through here.
+        """
+        bound = self.adapter_for(model_id).bind_data(model_id, spec, model_options)
+        if bound != spec:
+            logger.info("data %s for %s: %s", spec, model_id, bound)
+        return self.data_source_for(bound).load(bound, split, num_samples=num_samples, seed=seed)
 
     def components(self) -> Iterable[tuple[str, Registry[Any]]]:
         for kind, attr in KIND_TO_ATTR.items():

@@ -6,6 +6,7 @@ import importlib.metadata as md
 import logging
 import sys
 import types
+from typing import Any
 
 import pytest
 
@@ -294,3 +295,23 @@ def test_fp_input_transform_recomputes_targets() -> None:
                      "activation": None})
     # every unit's fp input was zeroed, so its recomputed targets are the same for every sample
     assert seen and max(seen.values()) == 0.0
+
+
+def test_model_data_completes_the_spec_with_the_model_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``quantplug eval``, the ONNX example batch, QAT's data and the benchmarks load data through
+    ``Session.model_data``: the model's adapter completes the spec (with the model's options) before loading."""
+    session = Session()
+    adapter_type = type(session.adapter_for("testing:tiny-resnet"))
+    calls: list[tuple[str, str, Any]] = []
+
+    def bind(self: Any, model_id: str, data: str, options: Any = None) -> str:
+        calls.append((model_id, data, options))
+        return "synthetic:images" if data == "my-images" else data
+
+    monkeypatch.setattr(adapter_type, "bind_data", bind)
+    dataset = session.model_data("testing:tiny-resnet", "my-images", "test", num_samples=5,
+                                 model_options={"width": 2})
+    assert len(dataset) == 5 and dataset[0][0].shape == (3, 16, 16)
+    assert calls == [("testing:tiny-resnet", "my-images", {"width": 2})]
+    with pytest.raises(QuantplugError, match="no installed data source understands 'other'"):
+        session.model_data("testing:tiny-resnet", "other", "test")

@@ -86,11 +86,11 @@ def main() -> None:
                 adapter = session.adapter_for(model)
                 fp_model = adapter.fold_batchnorm(adapter.load(model, device=device).eval())
                 ctx = PassContext(session, result.recipe, adapter, fp_model, [], [], device,
-                                  result.recipe.calib.seed, "quantized")
+                                  result.recipe.calib.seed, "quantized", model_id=model)
                 t1 = time.perf_counter()
                 assert result.model is not None
                 QATPass(QATPass.make_config(options)).run(result.model, ctx)
-                test_set = session.data_source_for(data).load(data, "test", num_samples=args.eval_samples, seed=0)
+                test_set = session.model_data(model, data, "test", num_samples=args.eval_samples)
                 test = list(DataLoader(test_set, batch_size=max(result.recipe.calib.batch_size, 64)))
                 qat_top1 = evaluate(result.model, adapter, test, device, "evaluate qat")["top1"]
                 qat_seconds = time.perf_counter() - t1

@@ -113,6 +113,26 @@ def test_training_data_from_a_data_spec_and_distillation_only(tmp_path: Any) -> 
         assert torch.equal(loaded(x), result.model(x))
 
 
+def test_training_data_is_completed_by_the_run_model_adapter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ``data`` option goes through the model's adapter like the run's own data (e.g. an image folder gets
+    a pretrained model's preprocessing and class count): here an adapter that maps a name to a spec."""
+    session = Session()
+    adapter_type = type(session.adapter_for("testing:tiny-resnet"))
+    seen: list[tuple[str, str, Any]] = []
+
+    def bind(self: Any, model_id: str, data: str, options: Any = None) -> str:
+        seen.append((model_id, data, options))
+        return "synthetic:images" if data == "tiny-images" else data
+
+    monkeypatch.setattr(adapter_type, "bind_data", bind)
+    passes = [{"name": "qat", "options": {"epochs": 1, "data": "tiny-images", "num_samples": 64,
+                                          "batch_size": 32, "distill": 1.0}}]
+    result = apply("nearest", "testing:tiny-resnet", overrides={**W2A4, "passes": passes}, eval_samples=32,
+                   session=session)
+    assert result.passes["qat"]["samples"] == 64 and result.passes["qat"]["steps"] == 2
+    assert ("testing:tiny-resnet", "tiny-images", None) in seen
+
+
 def test_distillation_loss_is_tempered_kl() -> None:
     logits = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
     assert float(distillation_loss(logits, logits, 2.0)) == pytest.approx(0.0, abs=1e-6)

@@ -376,7 +376,8 @@ def example_batch(session: Any, manifest: Mapping[str, Any], adapter: Any, batch
     data = manifest.get("data") or adapter.default_data(manifest["model_id"])
     if not data:
         raise ConfigError("the run records no data; pass example_inputs to the exporter")
-    dataset = session.data_source_for(data).load(data, "test", num_samples=batch_size, seed=0)
+    dataset = session.model_data(manifest["model_id"], data, "test", num_samples=batch_size,
+                                 model_options=manifest.get("model_options"))
     batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)))
     inputs, _ = adapter.prepare_batch(batch, torch.device("cpu"))
     return inputs

@@ -36,10 +36,14 @@ def calibration_dataset(inputs: Sequence[Any], targets: Sequence[Any], num_sampl
     return TensorDataset(x, y)
 
 
-def source_dataset(session: Any, spec: str, num_samples: int | None, seed: int) -> Dataset:
-    """``num_samples`` training samples of ``spec`` (all of them when None), drawn with ``seed``."""
-    source = session.data_source_for(spec)
-    dataset = source.load(spec, "train", num_samples=num_samples, seed=seed)
+def source_dataset(ctx: Any, spec: str, num_samples: int | None, seed: int) -> Dataset:
+    """``num_samples`` training samples of ``spec`` (all of them when None), drawn with ``seed``; completed by
+    the run's model adapter (e.g. a pretrained model's preprocessing) when the pass context names the model."""
+    if ctx.model_id is not None:
+        dataset = ctx.session.model_data(ctx.model_id, spec, "train", num_samples=num_samples, seed=seed,
+                                         model_options=ctx.model_options)
+    else:
+        dataset = ctx.session.data_source_for(spec).load(spec, "train", num_samples=num_samples, seed=seed)
     logger.info("qat: %d training samples from %s", len(dataset), spec)  # type: ignore[arg-type]
     return dataset
 

@@ -185,7 +185,7 @@ class QATPass(ModelPass):
     def dataset(self, ctx: PassContext) -> torch.utils.data.Dataset:
         c = self.config
         if c.data:
-            return source_dataset(ctx.session, c.data, c.num_samples, ctx.seed + 1)
+            return source_dataset(ctx, c.data, c.num_samples, ctx.seed + 1)
         if c.distill < 1.0 and any(t is None for t in ctx.calib_targets):
             raise ConfigError("qat: the calibration data has no targets for the task loss; set distill=1 or `data`")
         return calibration_dataset(ctx.calib_inputs, ctx.calib_targets, c.num_samples)
