@@ -203,7 +203,7 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
-        return _from_jsonable(cls, data)
+        return from_jsonable(cls, data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
@@ -220,7 +220,7 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
-def _from_jsonable(tp: Any, data: Any, path: str = "") -> Any:
+def from_jsonable(tp: Any, data: Any, path: str = "") -> Any:
     """Rebuild a value of type ``tp`` from its JSON form (dataclasses, optionals, tuples, unions).
 
     Every value is checked against its field's type; a mismatch is a :class:`ConfigError` naming the
@@ -240,17 +240,17 @@ def _from_jsonable(tp: Any, data: Any, path: str = "") -> Any:
             kind = mapping.get("kind", "per_tensor")
             if kind not in _GRANULARITIES:
                 raise ConfigError(f"unknown granularity {kind!r}; use one of {sorted(_GRANULARITIES)}")
-            return _from_jsonable(_GRANULARITIES[kind], mapping, path)
-        return _from_jsonable(args[0], data, path)
+            return from_jsonable(_GRANULARITIES[kind], mapping, path)
+        return from_jsonable(args[0], data, path)
     if origin is tuple:
         if not isinstance(data, (list, tuple)):
             raise _type_error(path, "a list", data)
         args = typing.get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from_jsonable(args[0], v, f"{path}[{i}]") for i, v in enumerate(data))
+            return tuple(from_jsonable(args[0], v, f"{path}[{i}]") for i, v in enumerate(data))
         if len(data) != len(args):
             raise _type_error(path, f"a list of {len(args)} values", data)
-        return tuple(_from_jsonable(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
+        return tuple(from_jsonable(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, data)))
     if dataclasses.is_dataclass(tp):
         if not isinstance(data, Mapping):
             raise ConfigError(f"expected a mapping for {tp.__name__}{' at ' + path if path else ''}, got {data!r}")
@@ -259,7 +259,7 @@ def _from_jsonable(tp: Any, data: Any, path: str = "") -> Any:
         unknown = set(data) - names
         if unknown:
             raise ConfigError(f"unknown field(s) {sorted(unknown)} for {tp.__name__}; known: {sorted(names)}")
-        kwargs = {k: _from_jsonable(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
+        kwargs = {k: from_jsonable(hints[k], v, f"{path}.{k}" if path else k) for k, v in data.items()}
         if tp is QuantSpec and "bits" in kwargs:  # the recipe's weight or activation spec: a fix for that role
             check_bits(kwargs["bits"], path.rsplit(".", 1)[-1] if path else None)
         return tp(**kwargs)

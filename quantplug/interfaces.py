@@ -8,6 +8,7 @@ options, and a docstring citing its source. Registration happens once per sessio
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -15,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from quantplug.config import QuantSpec
+from quantplug.config import QuantSpec, from_jsonable
 from quantplug.errors import ConfigError
 
 
@@ -45,8 +46,16 @@ class Component:
                 f"{cls.kind} {cls.name!r} has no option(s) {sorted(unknown)}; its options are {sorted(known) or 'none'}"
             )
         try:
+            typing.get_type_hints(cls.Config)
+        except Exception:  # annotations that do not resolve at run time: the values are passed unchecked
+            checked = False
+        else:
+            checked = True
+        try:
+            if checked:  # each value against its field's type, as recipe fields are (ints become floats)
+                return from_jsonable(cls.Config, options, cls.name)
             return cls.Config(**options)
-        except TypeError as exc:  # wrong types surface here
+        except (TypeError, ConfigError) as exc:
             raise ConfigError(f"bad options for {cls.kind} {cls.name!r}: {exc}") from exc
 
     @classmethod

@@ -64,3 +64,25 @@ def test_overrides_do_not_mutate_the_mappings_they_come_from() -> None:
     preset = {"weight": {"bits": 2, "symmetric": True, "granularity": {"kind": "per_channel", "axis": 0}}}
     apply_overrides(Recipe(), {**preset, "weight.granularity": {"kind": "per_tensor"}})
     assert preset["weight"]["granularity"] == {"kind": "per_channel", "axis": 0}
+
+
+def test_component_options_are_checked_against_their_types() -> None:
+    """A component's options are typed like recipe fields: a string for a number is an error naming the option
+    (it used to reach the component and fail later, or not at all); an integer for a float is converted."""
+    from quantplug.builtins.observers import PercentileObserver
+
+    with pytest.raises(ConfigError, match=r"percentile.percentile must be a number, got '99.9' \(str\)"):
+        PercentileObserver.make_config({"percentile": "99.9"})
+    with pytest.raises(ConfigError, match=r"percentile.max_samples must be an integer, got 1.5"):
+        PercentileObserver.make_config({"max_samples": 1.5})
+    with pytest.raises(ConfigError, match="has no option"):
+        PercentileObserver.make_config({"pct": 99.0})
+    config = PercentileObserver.make_config({"percentile": 99})
+    assert config.percentile == 99.0 and isinstance(config.percentile, float)
+    # through a recipe override, as the CLI passes it: refused before any data is read
+    from quantplug.api import apply
+    from quantplug.plugins import Session
+
+    with pytest.raises(ConfigError, match="percentile.percentile must be a number"):
+        apply("nearest", "testing:tiny-resnet", session=Session(), dry_run=True,
+              overrides={"activation_observer.name": "percentile", "activation_observer.options.percentile": "high"})
