@@ -271,12 +271,13 @@ def test_quiet_lowers_logging_to_warnings(monkeypatch, capsys, reset_quiet, argv
     assert progress._quiet is ("--quiet" in argv)
 
 
-def test_quiet_run_draws_no_bars_even_when_forced(capsys, monkeypatch, reset_quiet) -> None:  # type: ignore[no-untyped-def]
+def test_quiet_run_draws_no_bars_and_no_plan_line(capsys, monkeypatch, reset_quiet) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("QUANTPLUG_PROGRESS", "1")
     code, _, err = run_cli(capsys, *TINY)
     assert code == 0 and "evaluate quantized" in err  # forced on: bars even into a captured stderr
+    assert "reconstruction units" in err  # the plan line
     code, _, err = run_cli(capsys, *TINY, "--quiet")
-    assert code == 0 and "evaluate" not in err
+    assert code == 0 and "evaluate" not in err and "reconstruction units" not in err and err == ""
 
 
 def test_the_recipe_records_the_calibration_samples_actually_used(session) -> None:  # type: ignore[no-untyped-def]
