@@ -21,7 +21,7 @@ from quantplug.config import Recipe
 from quantplug.distributed import init_from_environment, is_main_process, shard_indices, world
 from quantplug.engine import CHECKPOINT_FILE, ReconstructionEngine, RunContext, UnitRecord, describe_memory
 from quantplug.errors import ConfigError, DataError
-from quantplug.evaluate import compare, evaluate
+from quantplug.evaluate import compare, evaluate_together
 from quantplug.export import check_output_dir, save_run
 from quantplug.interfaces import ModelAdapter
 from quantplug.passes import ModelPasses
@@ -122,7 +122,7 @@ def _batches(dataset: Dataset, batch_size: int) -> list[Any]:
 
 
 def _stream(dataset: Dataset, batch_size: int) -> DataLoader:
-    """The batches of ``dataset`` read one at a time, again on every pass over the loader: for the test
+    """The batches of ``dataset`` read one at a time (again on every pass over the loader): for the test
     set, which may be far larger than memory (ImageNet val as float32 tensors is ~30 GB)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
@@ -306,9 +306,10 @@ def _apply(
         result.seconds = time.perf_counter() - t0
         return result
     test_set = session.model_data(model_id, data, "test", num_samples=eval_samples, model_options=model_options)
-    test = _stream(test_set, max(recipe.calib.batch_size, 64))  # read twice (fp, quantized), never held whole
-    fp_metrics = evaluate(fp_model, adapter, test, dev, "evaluate fp") if evaluate_fp else {}
-    q_metrics = evaluate(q_model, adapter, test, dev, "evaluate quantized")
+    test = _stream(test_set, max(recipe.calib.batch_size, 64))  # read once, never held whole
+    models = {"fp": fp_model, "quantized": q_model} if evaluate_fp else {"quantized": q_model}
+    metrics = evaluate_together(models, adapter, test, dev, "evaluate " + " and ".join(models))
+    fp_metrics, q_metrics = metrics.get("fp", {}), metrics["quantized"]
     result.fp_metrics, result.quant_metrics, result.records = fp_metrics, q_metrics, records
     result.seconds = time.perf_counter() - t0
     result.model = q_model

@@ -123,8 +123,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     try:
         result = apply(args.plugin, model_id, data=args.data, base=args.base, preset=args.preset,
                        overrides=overrides, device=str(device), out_dir=out, eval_samples=args.eval_samples,
-                       resume=args.resume, dry_run=args.dry_run,
-                       report=_stderr if not (args.dry_run or args.quiet) and is_main_process() else None, session=session,
+                       resume=args.resume, dry_run=args.dry_run, session=session,
+                       report=_stderr if not (args.dry_run or args.quiet) and is_main_process() else None,
                        model_options=_model_options(args))
     finally:
         main_process = is_main_process()

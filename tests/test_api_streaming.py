@@ -1,4 +1,5 @@
-"""``apply`` evaluates the test set batch by batch: it never holds the whole test set in memory."""
+"""``apply`` evaluates the test set batch by batch: it never holds the whole test set in memory, and reads it once
+for both models."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def test_apply_streams_the_test_set_and_keeps_the_metrics(session, fast, monkeyp
     assert batch < TEST_SAMPLES  # else streaming and materializing look the same
     # the first test batch is evaluated after reading one batch, not the whole set (the old code read 256)
     assert reads.index("forward") == batch
-    assert reads.count("get") == 2 * TEST_SAMPLES  # read once for the fp model, once for the quantized one
+    assert reads.count("get") == TEST_SAMPLES  # read once: the fp and quantized models share each batch
+    assert reads[batch:batch + 3] == ["forward", "forward", "get"]  # fp, quantized, then the next batch
     longest_run = max(len(run) for run in "".join("g" if e == "get" else " " for e in reads).split())
     assert longest_run == batch
 
@@ -69,4 +71,6 @@ def test_apply_streams_the_test_set_and_keeps_the_metrics(session, fast, monkeyp
     adapter = session.adapter_for("testing:tiny-resnet")
     held = list(DataLoader(synthetic_images(TEST_SAMPLES, "test", 0), batch_size=batch))
     assert result.quant_metrics == evaluate(result.model, adapter, held, torch.device("cpu"))
+    fp_model = adapter.fold_batchnorm(adapter.load("testing:tiny-resnet", device=torch.device("cpu")))
+    assert result.fp_metrics == evaluate(fp_model, adapter, held, torch.device("cpu"))
     assert set(result.fp_metrics) == set(result.quant_metrics) == {"top1", "top5"}

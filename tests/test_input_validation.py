@@ -274,7 +274,7 @@ def test_quiet_lowers_logging_to_warnings(monkeypatch, capsys, reset_quiet, argv
 def test_quiet_run_draws_no_bars_and_no_plan_line(capsys, monkeypatch, reset_quiet) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("QUANTPLUG_PROGRESS", "1")
     code, _, err = run_cli(capsys, *TINY)
-    assert code == 0 and "evaluate quantized" in err  # forced on: bars even into a captured stderr
+    assert code == 0 and "evaluate fp and quantized" in err  # forced on: bars even into a captured stderr
     assert "reconstruction units" in err  # the plan line
     code, _, err = run_cli(capsys, *TINY, "--quiet")
     assert code == 0 and "evaluate" not in err and "reconstruction units" not in err and err == ""
