@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import os
 import platform
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch import nn
@@ -31,6 +32,8 @@ from quantplug.recipes import resolve_recipe
 from quantplug.tensors import resolve_device
 
 logger = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass
@@ -144,6 +147,49 @@ def resolve(session: Session, plugin: str, *, base: str | None, preset: str | No
     return recipe
 
 
+def checkpoint_dir(out_dir: str) -> str:
+    """Where a run saved to ``out_dir`` checkpoints its reconstruction: the sibling ``OUT_DIR.checkpoint``."""
+    return os.path.abspath(out_dir) + ".checkpoint"
+
+
+def checkpoint_file(out_dir: str) -> str:
+    return os.path.join(checkpoint_dir(out_dir), CHECKPOINT_FILE)
+
+
+def remove_checkpoint(out_dir: str) -> None:
+    """Delete the run's checkpoint file and its directory if nothing else is in it (never a stranger's files)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(checkpoint_file(out_dir))
+    with contextlib.suppress(OSError):
+        os.rmdir(checkpoint_dir(out_dir))
+
+
+def interrupt_hint(out_dir: str | None) -> str:
+    """What an interrupted run can do next: resume only if a checkpoint was written."""
+    if out_dir is not None and os.path.exists(checkpoint_file(out_dir)):
+        return (f"the same command with --resume continues from the last finished unit "
+                f"(checkpoint {checkpoint_dir(out_dir)})")
+    if out_dir is None:
+        return "nothing was checkpointed (no output directory, e.g. --no-save), so the run must start over"
+    return "no unit had finished, so there is no checkpoint: the run must start over"
+
+
+def _noting_interrupts(run: Callable[P, R]) -> Callable[P, R]:
+    """``run`` with a note on a ``KeyboardInterrupt`` (``exc.__notes__``): can the run be resumed?"""
+
+    @functools.wraps(run)
+    def noted(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return run(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            out_dir = kwargs.get("out_dir")
+            exc.add_note(interrupt_hint(out_dir if isinstance(out_dir, str) else None))
+            raise
+
+    return noted
+
+
+@_noting_interrupts
 def apply(
     plugin: str = "nearest",
     model_id: str | None = None,
@@ -176,60 +222,6 @@ def apply(
     if resume and not dry_run and out_dir is None:  # (a missing checkpoint is logged by the engine)
         logger.warning("--resume has no effect without an output directory (--no-save): nothing was "
                        "checkpointed, so the run starts from the first unit")
-    try:
-        return _apply(plugin, model_id, data=data, base=base, preset=preset, overrides=overrides, device=device,
-                      out_dir=out_dir, eval_samples=eval_samples, resume=resume, dry_run=dry_run,
-                      evaluate_fp=evaluate_fp, model_options=model_options, session=session, report=report)
-    except KeyboardInterrupt as exc:
-        exc.add_note(interrupt_hint(out_dir))
-        raise
-
-
-def checkpoint_dir(out_dir: str) -> str:
-    """Where a run saved to ``out_dir`` checkpoints its reconstruction: the sibling ``OUT_DIR.checkpoint``."""
-    return os.path.abspath(out_dir) + ".checkpoint"
-
-
-def checkpoint_file(out_dir: str) -> str:
-    return os.path.join(checkpoint_dir(out_dir), CHECKPOINT_FILE)
-
-
-def remove_checkpoint(out_dir: str) -> None:
-    """Delete the run's checkpoint file and its directory if nothing else is in it (never a stranger's files)."""
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(checkpoint_file(out_dir))
-    with contextlib.suppress(OSError):
-        os.rmdir(checkpoint_dir(out_dir))
-
-
-def interrupt_hint(out_dir: str | None) -> str:
-    """What an interrupted run can do next: resume only if a checkpoint was written."""
-    if out_dir is not None and os.path.exists(checkpoint_file(out_dir)):
-        return (f"the same command with --resume continues from the last finished unit "
-                f"(checkpoint {checkpoint_dir(out_dir)})")
-    if out_dir is None:
-        return "nothing was checkpointed (no output directory, e.g. --no-save), so the run must start over"
-    return "no unit had finished, so there is no checkpoint: the run must start over"
-
-
-def _apply(
-    plugin: str,
-    model_id: str | None,
-    *,
-    data: str | None,
-    base: str | None,
-    preset: str | None,
-    overrides: Mapping[str, Any] | None,
-    device: str,
-    out_dir: str | None,
-    eval_samples: int | None,
-    resume: bool,
-    dry_run: bool,
-    evaluate_fp: bool,
-    model_options: Mapping[str, Any] | None,
-    session: Session | None,
-    report: Callable[[str], None] | None,
-) -> ApplyResult:
     t0 = time.perf_counter()
     session = session or Session()
     recipe = resolve(session, plugin, base=base, preset=preset, overrides=overrides or {})
