@@ -47,7 +47,8 @@ logger = logging.getLogger(__name__)
 
 
 CHECKPOINT_FILE = "checkpoint.pt"  # inside RunContext.checkpoint_dir
-CHECKPOINT_VERSION = 2  # 2: records the run's identity (model, options, data, calibration set) beside the recipe
+CHECKPOINT_VERSION = 3  # 2: records the run's identity (model, options, data, calibration set) beside the recipe;
+# 3: the identity includes a fingerprint of the calibration data
 
 
 class _StopForward(Exception):
@@ -351,6 +352,11 @@ class ReconstructionEngine:
                            "resuming on the assumption that they are the same as this run's", path)
         else:
             current = self.checkpoint_identity()
+            unrecorded = sorted(set(current) - set(saved))
+            if unrecorded:  # written before these were part of the identity
+                logger.warning("checkpoint %s does not record %s (written by an older quantplug): resuming on the "
+                               "assumption that they are the same as this run's", path, ", ".join(unrecorded))
+                current = {k: v for k, v in current.items() if k in saved}
         differing = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
         if differing:
             details = "; ".join(_describe_difference(k, saved.get(k), current.get(k)) for k in differing)
@@ -568,6 +574,8 @@ def _describe_difference(key: str, saved: Any, current: Any) -> str:
         return "recipe differs at " + ", ".join(paths[:5]) + (" ..." if len(paths) > 5 else "")
     if key == "plan":  # long: the field name says enough
         return "the unit plan differs"
+    if key == "calib_fingerprint":
+        return "the calibration data differs (the same data spec now holds other samples)"
     return f"{key}: checkpoint {saved!r}, now {current!r}"
 
 

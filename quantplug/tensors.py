@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from quantplug.errors import ConfigError
 
-__all__ = ["to_device"]
+__all__ = ["fingerprint", "resolve_device", "to_device"]
 
 
 def to_device(x: Any, device: torch.device) -> Any:
@@ -31,3 +32,25 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
     return dev
+
+
+def fingerprint(values: Iterable[Any]) -> str:
+    """A SHA-256 hex digest of ``values`` (tensors, mappings of tensors, None), in order: equal digests mean equal
+    data (dtype, shape and bytes). A resumed run compares its calibration data with the checkpoint's by this."""
+    digest = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(x, Mapping):
+            for key in sorted(x, key=str):
+                digest.update(str(key).encode())
+                feed(x[key])
+        else:
+            digest.update(repr(x).encode())
+
+    for value in values:
+        feed(value)
+    return digest.hexdigest()

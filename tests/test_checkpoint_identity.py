@@ -94,6 +94,37 @@ def test_resume_with_other_inputs_is_refused(session, tmp_path, change, field) -
     assert _checkpoint(out).read_bytes() == saved and not out.exists()  # nothing was mixed or overwritten
 
 
+def test_resume_when_the_same_spec_holds_other_data_is_refused(session, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A folder whose images were replaced keeps its spec: the calibration fingerprint tells the runs apart."""
+    out = tmp_path / "r"
+    _interrupted_run(session, out, data="shifted:0", overrides=TINY)
+    identity = torch.load(_checkpoint(out), weights_only=False)["identity"]
+    assert len(identity["calib_fingerprint"]) == 64
+    load = ShiftedImages.load
+
+    def edited(self, spec, split, *, num_samples, seed):  # type: ignore[no-untyped-def]
+        data = load(self, spec, split, num_samples=num_samples, seed=seed)
+        x, y = data.tensors
+        x[0, 0, 0, 0] += 1e-3  # one pixel of one image
+        return torch.utils.data.TensorDataset(x, y)
+
+    monkeypatch.setattr(ShiftedImages, "load", edited)
+    with pytest.raises(ArtifactError, match="calibration data differs .* drop --resume"):
+        apply("soft-offset", MODEL, session=session, out_dir=str(out), data="shifted:0", overrides=TINY,
+              eval_samples=16, resume=True)
+
+
+def test_identity_without_a_fingerprint_resumes_with_a_warning(session, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "r"
+    _interrupted_run(session, out, overrides=TINY)
+    data = torch.load(_checkpoint(out), weights_only=False)
+    del data["identity"]["calib_fingerprint"]  # written by version 2
+    torch.save(data, _checkpoint(out))
+    with caplog.at_level(logging.INFO, logger="quantplug"):
+        apply("soft-offset", MODEL, session=session, out_dir=str(out), overrides=TINY, eval_samples=16, resume=True)
+    assert "does not record calib_fingerprint" in caplog.text and "resuming after unit 1" in caplog.text
+
+
 def test_resume_with_the_same_inputs_continues(session, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "r"
     _interrupted_run(session, out, data="synthetic:images", overrides=TINY)
