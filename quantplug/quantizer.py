@@ -100,6 +100,28 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return _RoundSTE.apply(x)
 
 
+class _ClampCodes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, codes: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+        ctx.save_for_backward((codes >= qmin) & (codes <= qmax))
+        return codes.clamp(qmin, qmax)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None
+
+
+def clamp_codes(codes: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(codes, qmin, qmax)`` whose gradient passes for every code in ``[qmin, qmax]``, bounds included.
+
+    This is the subgradient ``torch.clamp`` had from 2018 (pytorch/pytorch#7049) until 2026, which the released
+    code of AdaRound, BRECQ, QDrop and FlexRound ran on (``clamp(round_ste(x / s) + z, qmin, qmax)``); current
+    torch passes no gradient at the bounds, so a value whose rounded code is the grid's first or last level would
+    get none although it is not clipped (about a third of the weights of a 2-bit grid)."""
+    return _ClampCodes.apply(codes, qmin, qmax)
+
+
 def grad_scale(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Identity in the forward pass, gradient multiplied by ``factor`` (LSQ)."""
     return (x - x * factor).detach() + x * factor
@@ -117,9 +139,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """Quantize-dequantize with a straight-through round.
 
-    Gradients reach ``x`` (inside the grid) and ``scale`` (LSQ).
+    Gradients reach ``x`` (where its rounded code is on the grid, edges included: ``clamp_codes``) and ``scale``
+    (LSQ: ``round(x / s) - x / s`` there, the clipped level elsewhere).
     """
-    codes = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    codes = clamp_codes(round_ste(x / scale) + zero_point, qmin, qmax)
     return (codes - zero_point) * scale
 
 
@@ -137,8 +160,8 @@ class _FakeQuantSelect(torch.autograd.Function):
                 select: torch.Tensor | None, keep: torch.Tensor | None, grad_factor: float) -> torch.Tensor:
         v = x / scale
         codes = torch.round(v).add_(zero_point)
-        # strictly inside, like torch.clamp's gradient: a code on the grid's edge counts as clamped
-        inside = (codes > qmin) & (codes < qmax)
+        # a code on the grid's edge is inside (not clipped), as in ``clamp_codes``
+        inside = (codes >= qmin) & (codes <= qmax)
         centered = codes.clamp_(qmin, qmax).sub_(zero_point)  # clamp(round(v) + z) - z
         out = centered * scale
         if select is not None:

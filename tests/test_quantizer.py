@@ -188,3 +188,30 @@ def test_affine_quantizer_selector_quantizes_only_selected_elements() -> None:
     full = q(x)
     assert torch.equal(out[select], full[select]) and torch.equal(out[~select], x[~select])
     assert not torch.equal(full, x)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_edge_codes_keep_their_gradient_like_torch_learnable_fake_quant(fused: bool) -> None:
+    """A value rounded to the grid's first or last code is not clipped: it gets the straight-through gradient and
+    the LSQ step gradient ``round(v) - v``, as in torch's own learnable fake quantization and in the released code
+    of BRECQ / QDrop / FlexRound (which ran on torch's former clamp subgradient). Current ``torch.clamp`` passes
+    nothing at its bounds: a third of a 2-bit grid's weights would never train."""
+    from quantplug.quantizer import fake_quant, fake_quant_select
+
+    x0 = torch.tensor([-0.7, -0.2, 0.0, 0.1, 0.3, 1.4, 2.6, 2.9, 3.2, 3.6])
+    x0 = torch.cat([x0, torch.randn(200, generator=torch.Generator().manual_seed(0)) * 2 + 1.5])
+    grads = []
+    for ours in (True, False):
+        x = x0.clone().requires_grad_(True)
+        s = torch.tensor([1.0], requires_grad=True)
+        z = torch.tensor([0.0])
+        if ours:
+            out = (fake_quant_select if fused else fake_quant)(x, s, z, 0, 3)
+        else:
+            out = torch._fake_quantize_learnable_per_tensor_affine(x, s, z, 0, 3, 1.0)
+        out.backward(torch.linspace(0.5, 1.5, x.numel()))
+        grads.append((x.grad, s.grad))
+    (ours_x, ours_s), (ref_x, ref_s) = grads
+    assert torch.equal(ours_x, ref_x)
+    assert torch.allclose(ours_s, ref_s, atol=1e-4)
+    assert (ours_x[:10] != 0).tolist() == [False] + [True] * 8 + [False]  # only -0.7 and 3.6 are clipped

@@ -89,6 +89,22 @@ def test_gradients_reach_every_scale() -> None:
     assert rounder.d1.grad.shape == (1,)
 
 
+def test_weights_on_the_grids_edge_codes_still_move_their_scales() -> None:
+    """A weight rounded to the first or last code is not clipped: its element-wise scale gets a gradient (the
+    released code's ``clamp`` passed it; current torch's ``clamp`` would not). Here the range is not clipped, so
+    every weight is inside and those on the edges are the row's extremes."""
+    torch.manual_seed(0)
+    layer = QuantConv2d(nn.Conv2d(4, 6, 3, padding=1), QuantSpec(2, False, PerChannel(0)), None)
+    rows = to_rows(layer.weight.detach(), layer.weight_spec)
+    layer.weight_quantizer.set_qparams(*qparams_from_range(rows.min(1).values, rows.max(1).values, layer.weight_spec))
+    rounder = FlexRounding().attach(layer)
+    codes = rounder.hard_codes()
+    edge = (codes == 0) | (codes == 3)
+    assert edge.float().mean() > 0.2
+    rounder().mul(torch.randn(codes.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
+    assert (rounder.d2.grad[edge] != 0).all()
+
+
 def test_linear_layers_have_no_input_channel_scale_and_options_switch_scales_off() -> None:
     assert FlexRounding().attach(_linear()).d4 is None
     depthwise = QuantConv2d(nn.Conv2d(4, 4, 3, groups=4), QuantSpec(4, False, PerChannel(0)), None)

@@ -49,11 +49,12 @@ def test_ste_and_lsq_step_gradients() -> None:
     z = rounder.zero_point[:, None]
     v = w / s
     codes = torch.round(v) + z
-    inside = (codes > spec.qmin) & (codes < spec.qmax)  # torch.clamp gives no gradient at the edges either
+    inside = (codes >= spec.qmin) & (codes <= spec.qmax)  # a weight rounded to an edge code is not clipped
     rounder().sum().backward()
-    # straight-through: gradient 1 inside the grid, 0 where the weight is clipped
+    # straight-through: gradient 1 inside the grid (edge codes included), 0 where the weight is clipped
     assert torch.equal(rounder.latent.grad, inside.float())
-    assert (~inside).any() and inside.any()
+    edge = (codes == spec.qmin) | (codes == spec.qmax)
+    assert (~inside).any() and edge.any() and (inside & ~edge).any()
     # LSQ: d w_q / d s = round(v) - v inside, the clipped level (code - z) outside, times 1/sqrt(N Q_P)
     centered = codes.clamp(spec.qmin, spec.qmax) - z
     expected = torch.where(inside, centered - v, centered).sum(1) * lsq_factor(w.shape[1], spec.qmax)

@@ -30,7 +30,7 @@ from quantplug import hookimpl
 from quantplug.errors import ConfigError
 from quantplug.interfaces import Rounding, WeightRounder
 from quantplug.modules import QuantLayer
-from quantplug.quantizer import broadcast_rows, round_ste
+from quantplug.quantizer import broadcast_rows, clamp_codes, round_ste
 from quantplug.recipes import RecipeSpec
 
 __all__ = ["FlexRounding", "FlexRounder", "FLEXROUND"]
@@ -91,7 +91,8 @@ class FlexRounder(WeightRounder):
             divisor = s1 * torch.exp(total)
         scaled = weight / divisor
         rounded = round_ste(scaled) if straight_through else torch.round(scaled)
-        codes = torch.clamp(rounded + self.zero_full, self.spec.qmin, self.spec.qmax)
+        # the grid's edge codes keep their gradient, as in FlexRound's released code (``clamp_codes``)
+        codes = clamp_codes(rounded + self.zero_full, self.spec.qmin, self.spec.qmax)
         return codes, s1
 
     # ------------------------------------------------------------------ WeightRounder
