@@ -77,7 +77,7 @@ class TTQWeights(WeightRounder):
             v = self.latent.detach()
             positive = v[index == POSITIVE].mean() if (index == POSITIVE).any() else torch.tensor(self.threshold)
             negative = (-v[index == NEGATIVE]).mean() if (index == NEGATIVE).any() else torch.tensor(self.threshold)
-        else:  # "max": the released code's 1.0 on weights normalized by their maximum
+        else:  # "max": the released code's initial 1.0, here in units of max |W| (the paper's normalization)
             positive = negative = torch.tensor(1.0)
         self.positive = nn.Parameter(positive.to(weight.dtype).reshape(()))
         self.negative = nn.Parameter(negative.to(weight.dtype).reshape(()))
@@ -118,7 +118,10 @@ class TTQPass(ModelPass):
     class Config:
         threshold: float = TTQ_THRESHOLD  # t: Delta = t * max |W~| per layer (paper, released code)
         #: "mean": W_p, W_n start at the mean of the kept positive / negative (normalized) weights (ours, the
-        #: least-squares fit of the initial assignment); "max": at 1.0, i.e. max |W| (the released code)
+        #: least-squares fit of the initial assignment); "max": at 1.0 on the normalized weights, i.e. max |W|.
+        #: "max" combines the paper's normalization by the maximum with the released code's initial 1.0: the code
+        #: (``tw_ternarize``) ternarizes the raw weights with W_p = W_n = 1.0 and a BatchNorm after the
+        #: convolutions absorbs the scale; quantplug folds BatchNorm, so it keeps the normalization
         init: str = "mean"
         learn_assignments: bool = True  # train the latent weights too (the paper's gradient 1)
         epochs: int = 8  # passes over the calibration batches
