@@ -10,6 +10,7 @@ import pytest
 import quantplug_kmeans
 import torch
 from quantplug_kmeans import KMeansPass, SharedWeights, centroid_unit, cluster_layer
+from quantplug_kmeans.clustering import assign, cluster_means
 from torch import nn
 
 from quantplug.api import apply
@@ -196,6 +197,31 @@ def test_official_preset_is_eight_bit_conv_five_bit_fc() -> None:
     assert r.weight.bits == 8 and r.bits.last_layer_bits == 5 and r.bits.first_layer_bits is None
     base = resolve_recipe(_session(), "kmeans")
     assert base.activation is None and [p.name for p in base.passes] == ["kmeans"]
+
+
+def test_the_pass_starts_from_the_papers_linear_initialization() -> None:
+    """Han et al. sec. 3.2: centroids start at linspace(min W, max W, 2^b) ("linear initialization works best"),
+    the default of the pass and of every preset. With one Lloyd update and no fine-tuning the codebooks must be
+    exactly one update away from that start (a density or random start gives other codebooks)."""
+    assert KMeansPass.Config().init == "linear"
+    for preset in (None, "official", "no-finetune"):
+        ref = resolve_recipe(_session(), "kmeans", preset=preset).passes[0]
+        assert KMeansPass.make_config(ref.options).init == "linear"
+    result = apply("kmeans", "testing:tiny-resnet", session=_session(), eval_samples=32, evaluate_fp=False,
+                   overrides={"calib.num_samples": 32, "calib.batch_size": 32,
+                              "passes": [{"name": "kmeans", "options": {"max_iter": 1, "epochs": 0}}]})
+    layers = dict(quant_layers(result.model))
+    assert layers
+    for name, layer in layers.items():
+        w = layer.weight.detach().reshape(-1)
+        start = torch.linspace(float(w.min()), float(w.max()), 2**layer.weight_spec.bits)
+        first = assign(w, start)
+        updated = cluster_means(w, first, start)  # kmeans_1d's one update (max_iter=1) ...
+        second = assign(w, updated)
+        converged = torch.equal(second, first)  # ... and, if assignments still change, the final cluster means
+        expected = updated if converged else cluster_means(w, second, updated)
+        assert torch.allclose(layer.weight_codebook, expected, rtol=1e-5, atol=1e-7), name
+        assert torch.equal(layer.weight_indices.long().reshape(-1), first if converged else second), name
 
 
 def test_no_quantized_layer_is_a_clear_error() -> None:

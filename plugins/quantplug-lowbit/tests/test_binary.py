@@ -56,7 +56,7 @@ def test_sign_of_zero_is_plus_one() -> None:
 @pytest.mark.parametrize("symmetric,zero_point,codes", [(True, 0, {-1.0, 1.0}), (False, 1, {0.0, 2.0})])
 def test_codes_sit_on_symmetric_and_asymmetric_grids(symmetric: bool, zero_point: int, codes: set) -> None:
     layer = _conv(symmetric=symmetric, bits=3)
-    layer.rounder = BinaryRounding().attach(layer)
+    layer.rounder = BinaryRounding(BinaryRounding.make_config({"bits": 3})).attach(layer)  # binary on a 3-bit grid
     soft = layer.rounder().detach()
     harden_layer(layer)
     assert set(layer.weight_codes.float().unique().tolist()) == codes
@@ -121,6 +121,7 @@ def test_latent_training_starts_at_the_closed_form_and_gets_gradients() -> None:
 
 class TestBinaryConformance(RoundingConformance):
     component = BinaryRounding
+    options = {"bits": 4}  # the kit's layers have 4-bit grids: binarize those (at 2 bits they would be nearest)
 
     def test_hard_codes_within_one_step_of_weight(self) -> None:
         """Replaces the kit's check, which reads the codes with the layer's *initial* scale and asks for
@@ -135,7 +136,7 @@ class TestBinaryConformance(RoundingConformance):
 
 
 class TestStochasticBinaryConformance(TestBinaryConformance):
-    options = {"stochastic": True}
+    options = {"stochastic": True, "bits": 4}
 
     def test_hard_codes_within_one_step_of_weight(self) -> None:
         layer = _calibrated_linear()

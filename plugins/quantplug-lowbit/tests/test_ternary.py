@@ -97,7 +97,7 @@ def test_custom_threshold_factor_and_bad_value() -> None:
 def test_asymmetric_grid_uses_zero_point_one() -> None:
     torch.manual_seed(0)
     layer = QuantConv2d(nn.Conv2d(3, 5, 3), QuantSpec(4, False, PerChannel(0)), None)
-    layer.rounder = TernaryRounding().attach(layer)
+    layer.rounder = TernaryRounding(TernaryRounding.make_config({"bits": 4})).attach(layer)  # ternary, 4-bit grid
     soft = layer.rounder().detach()
     harden_layer(layer)
     assert set(layer.weight_codes.float().unique().tolist()) == {0.0, 1.0, 2.0}
@@ -130,6 +130,7 @@ def test_latent_training_starts_at_the_closed_form_and_lowers_the_error() -> Non
 
 class TestTernaryConformance(RoundingConformance):
     component = TernaryRounding
+    options = {"bits": 4}  # the kit's layers have 4-bit grids: ternarize those (at 2 bits they would be nearest)
 
     def test_hard_codes_within_one_step_of_weight(self) -> None:
         """Replaces the kit's check (codes read with the initial scale, round-to-nearest accuracy): ternary codes

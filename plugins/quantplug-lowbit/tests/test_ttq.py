@@ -54,7 +54,7 @@ def test_initial_scales() -> None:
     assert float(table[1]) == 0.0
     assert float(table[2]) == pytest.approx(float(w[w > delta].mean()), rel=1e-5)  # mean of the kept positives
     assert float(-table[0]) == pytest.approx(float(-w[w < -delta].mean()), rel=1e-5)
-    official = _weights(init="max").table().detach()  # the released code: 1.0 on weights divided by their max
+    official = _weights(init="max").table().detach()  # the code's initial 1.0 on the paper's normalized weights
     assert torch.allclose(official, torch.stack([-w.abs().max(), torch.tensor(0.0), w.abs().max()]))
 
 

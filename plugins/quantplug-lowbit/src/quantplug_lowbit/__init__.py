@@ -8,12 +8,16 @@
 
 Binary and ternary weights are codes ``{-1, (0,) +1}`` on the ordinary affine grid (2 bits, symmetric), so runs
 save, load and export (``int``: 2-bit packed codes) like any other; TTQ's unequal scales use lookup tables.
+Layers the bit policy gives another width than the method's (e.g. 8-bit first / last layers) are rounded to nearest
+at that width. At the start of a run, settings that binarize / ternarize nothing, or a ternary threshold that
+zeroes a layer's rows, are warned about (``checks``).
 """
 
 from __future__ import annotations
 
 from quantplug import hookimpl
 from quantplug_lowbit.binary import BinaryRounding, binary_scale, binary_signs, stochastic_binary_signs
+from quantplug_lowbit.checks import check_lowbit_run
 from quantplug_lowbit.recipes import BINARYCONNECT, BWN, RECIPES, TTQ, TWN
 from quantplug_lowbit.ternary import TernaryRounding, twn_codes, twn_scale, twn_threshold
 from quantplug_lowbit.ttq import TTQPass, TTQWeights, ttq_indices
@@ -52,3 +56,8 @@ def register_model_passes(register) -> None:  # type: ignore[no-untyped-def]
 def register_recipes(register) -> None:  # type: ignore[no-untyped-def]
     for spec in RECIPES:
         register(spec)
+
+
+@hookimpl
+def on_run_start(run) -> None:  # type: ignore[no-untyped-def]
+    check_lowbit_run(run)

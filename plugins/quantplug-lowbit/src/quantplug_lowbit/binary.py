@@ -18,6 +18,9 @@ With ``learn_latent`` the rounding trains a latent copy of the weights with the 
 BinaryConnect / BWN training rule, applied block by block): the forward pass uses ``a(V) sign(V)`` with
 ``a(V) = mean |V|`` recomputed every step, the gradient reaches ``V`` straight through the sign (and through
 ``a``, as in XNOR-Net's gradient); at the end the codes are ``sign(V)`` and the scale ``a(V)``.
+
+Only layers whose weight grid has ``bits`` bits (the recipes' ``weight.bits``, 2) are binarized; a layer the bit
+policy gives another width (e.g. ``bits.first_layer_bits=8``) is rounded to nearest on its own grid at that width.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantplug.builtins.roundings import NearestRounder
 from quantplug.interfaces import Rounding, WeightRounder
 from quantplug.modules import QuantLayer
 from quantplug.quantizer import from_rows
-from quantplug_lowbit.grid import layer_rows, safe_scale
+from quantplug_lowbit.grid import MIN_CODE_BITS, at_low_bit_width, check_low_bits, layer_rows, safe_scale
 from quantplug_lowbit.rounder import SignCodeRounder
 from quantplug_lowbit.ste import sign_ste
 
@@ -93,6 +97,13 @@ class BinaryRounding(Rounding):
     class Config:
         stochastic: bool = False  # BinaryConnect's stochastic binarization instead of the sign
         learn_latent: bool = False  # train a latent weight through the sign with the reconstruction loss
+        #: the weight width of the layers to binarize (the recipe's weight.bits); other widths: nearest rounding
+        bits: int = MIN_CODE_BITS
+
+        def __post_init__(self) -> None:
+            check_low_bits(self.bits, "binary")
 
     def attach(self, layer: nn.Module, *, generator: torch.Generator | None = None) -> WeightRounder:
+        if not at_low_bit_width(layer, self.config.bits, "binary rounding"):  # type: ignore[arg-type]
+            return NearestRounder(layer)  # type: ignore[arg-type]
         return BinaryRounder(layer, self.config, generator)  # type: ignore[arg-type]

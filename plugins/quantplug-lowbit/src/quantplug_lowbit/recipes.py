@@ -94,6 +94,7 @@ TTQ = RecipeSpec(
     },
     presets={
         "scales-only": {"passes": [{"name": "ttq", "options": {"learn_assignments": False}}]},
+        # W_p = W_n = 1.0 as in the code (on its raw weights, BatchNorm after), here on the paper's normalized weights
         "official-init": {"passes": [{"name": "ttq", "options": {"init": "max"}}]},
     },
     source="Zhu, Han, Mao, Dally, 'Trained Ternary Quantization', ICLR 2017 (code: czhu95/ternarynet)",

@@ -13,6 +13,11 @@ The released code computes ``Delta = 0.7 * asum(W) / count(W)`` (``Blob::set_del
 With ``learn_latent`` the rounding trains a latent copy ``V`` of the weights with the reconstruction loss (TWN's
 training rule, applied block by block): ``Delta`` and ``a`` are recomputed from ``V`` at every step, the gradient
 reaches ``V`` straight through the threshold (and through ``a``).
+
+Only layers whose weight grid has ``bits`` bits (the recipes' ``weight.bits``, 2) are ternarized; a layer the bit
+policy gives another width (e.g. ``bits.first_layer_bits=8``) is rounded to nearest on its own grid at that width.
+A threshold that keeps no weight of a quantization row (``threshold_factor`` >= the row's ``max |W| / mean |W|``)
+zeroes that row: this is allowed (a factor has no upper bound that suits every layer) but logged as a warning.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from quantplug.builtins.roundings import NearestRounder
 from quantplug.errors import ConfigError
 from quantplug.interfaces import Rounding, WeightRounder
 from quantplug.modules import QuantLayer
 from quantplug.quantizer import from_rows
-from quantplug_lowbit.grid import layer_rows, safe_scale
+from quantplug_lowbit.grid import MIN_CODE_BITS, at_low_bit_width, check_low_bits, layer_rows, safe_scale
 from quantplug_lowbit.rounder import SignCodeRounder
 from quantplug_lowbit.ste import ternary_ste
 
@@ -93,10 +99,15 @@ class TernaryRounding(Rounding):
     class Config:
         threshold_factor: float = TWN_THRESHOLD_FACTOR  # Delta = factor * mean |W| (paper: 0.7)
         learn_latent: bool = False  # train a latent weight through the threshold with the reconstruction loss
+        #: the weight width of the layers to ternarize (the recipe's weight.bits); other widths: nearest rounding
+        bits: int = MIN_CODE_BITS
 
         def __post_init__(self) -> None:
             if not 0.0 <= self.threshold_factor:
                 raise ConfigError(f"threshold_factor must be >= 0, got {self.threshold_factor}")
+            check_low_bits(self.bits, "ternary")
 
     def attach(self, layer: nn.Module, *, generator: torch.Generator | None = None) -> WeightRounder:
+        if not at_low_bit_width(layer, self.config.bits, "ternary rounding"):  # type: ignore[arg-type]
+            return NearestRounder(layer)  # type: ignore[arg-type]
         return TernaryRounder(layer, self.config)  # type: ignore[arg-type]

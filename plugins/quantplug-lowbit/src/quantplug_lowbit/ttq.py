@@ -22,10 +22,13 @@ minus, which is what a gradient step needs.) The scales' gradients are the poole
 weights, exactly as the ``lookup-table`` form ``w_t = table[index]``, ``table = [-W_n, 0, +W_p]``, computes them.
 
 In quantplug this is a ``quantized``-stage model pass: after the run's ordinary calibration, it ternarizes every
-layer with quantized weights, fine-tunes ``W_p``, ``W_n`` (and, with ``learn_assignments``, the latent weights)
-with the task loss on the calibration batches (Adam), and hardens each layer to a lookup table
+layer whose weights have the recipe's ``weight.bits`` (2 in the ``ttq`` recipe), fine-tunes ``W_p``, ``W_n``
+(and, with ``learn_assignments``, the latent weights) with the task loss on the calibration batches (Adam), and
+hardens each layer to a lookup table
 (``QuantLayer.set_codebook``): three fp32 values and a uint8 index per weight, which ``quantplug.load`` and the
-``int`` exporter (2-bit indices) reproduce exactly. An affine grid cannot hold ``W_p != W_n``.
+``int`` exporter (2-bit indices) reproduce exactly. An affine grid cannot hold ``W_p != W_n``. Layers the bit
+policy gives another width (``bits.first_layer_bits=8``, ``bits.overrides``) keep the run's rounding at that
+width (nearest in the recipe) and take no part in the fine-tuning.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ class TTQWeights(WeightRounder):
             v = self.latent.detach()
             positive = v[index == POSITIVE].mean() if (index == POSITIVE).any() else torch.tensor(self.threshold)
             negative = (-v[index == NEGATIVE]).mean() if (index == NEGATIVE).any() else torch.tensor(self.threshold)
-        else:  # "max": the released code's 1.0 on weights normalized by their maximum
+        else:  # "max": the released code's initial 1.0, here in units of max |W| (the paper's normalization)
             positive = negative = torch.tensor(1.0)
         self.positive = nn.Parameter(positive.to(weight.dtype).reshape(()))
         self.negative = nn.Parameter(negative.to(weight.dtype).reshape(()))
@@ -115,7 +118,10 @@ class TTQPass(ModelPass):
     class Config:
         threshold: float = TTQ_THRESHOLD  # t: Delta = t * max |W~| per layer (paper, released code)
         #: "mean": W_p, W_n start at the mean of the kept positive / negative (normalized) weights (ours, the
-        #: least-squares fit of the initial assignment); "max": at 1.0, i.e. max |W| (the released code)
+        #: least-squares fit of the initial assignment); "max": at 1.0 on the normalized weights, i.e. max |W|.
+        #: "max" combines the paper's normalization by the maximum with the released code's initial 1.0: the code
+        #: (``tw_ternarize``) ternarizes the raw weights with W_p = W_n = 1.0 and a BatchNorm after the
+        #: convolutions absorbs the scale; quantplug folds BatchNorm, so it keeps the normalization
         init: str = "mean"
         learn_assignments: bool = True  # train the latent weights too (the paper's gradient 1)
         epochs: int = 8  # passes over the calibration batches
@@ -131,10 +137,21 @@ class TTQPass(ModelPass):
                 raise ConfigError("ttq epochs and learning rates must be >= 0")
 
     def run(self, model: nn.Module, ctx: PassContext) -> dict[str, Any]:
-        layers = [(name, layer) for name, layer in quant_layers(model) if layer.quantizes_weight]
-        if not layers:
+        quantized = [(name, layer) for name, layer in quant_layers(model) if layer.quantizes_weight]
+        low_bits = ctx.recipe.weight.bits
+        layers = [(name, layer) for name, layer in quantized if layer.weight_spec.bits == low_bits]
+        other_widths = {name: layer.weight_spec.bits for name, layer in quantized if layer.weight_spec.bits != low_bits}
+        if not quantized:
             raise ConfigError("ttq found no layer with quantized weights: the bit policy keeps every layer in "
                               "full precision (check bits.first_layer_bits / bits.overrides)")
+        if not layers:
+            widths = sorted(set(other_widths.values()))
+            raise ConfigError(f"ttq ternarizes layers with the recipe's weight.bits={low_bits} and the bit policy "
+                              f"gives every quantized layer another width ({widths}): check bits.overrides / "
+                              "bits.first_layer_bits, or set weight.bits")
+        if other_widths:
+            logger.info("ttq: %d layers keep the run's rounding at their own width (not %d bits): %s",
+                        len(other_widths), low_bits, ", ".join(f"{n} ({b})" for n, b in other_widths.items()))
         weights: dict[str, TTQWeights] = {}
         for name, layer in layers:
             weights[name] = TTQWeights(layer, self.config)
@@ -153,4 +170,4 @@ class TTQPass(ModelPass):
                                "zeros": float((index == ZERO).float().mean())}
         logger.info("ttq: %d layers ternarized; calibration task loss %.4g -> %.4g", len(layers),
                     summary.loss_before, summary.loss_after)
-        return {**summary.to_dict(), "layers": per_layer}
+        return {**summary.to_dict(), "layers": per_layer, "other_widths": other_widths}
