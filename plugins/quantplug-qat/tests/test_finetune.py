@@ -142,6 +142,35 @@ def test_distillation_loss_is_tempered_kl() -> None:
     assert float(distillation_loss(logits, other, 2.0)) == pytest.approx(float(kl), rel=1e-5)
 
 
+def test_layers_with_a_codebook_are_refused_and_left_unchanged() -> None:
+    """k-means / TTQ layers hold lookup tables; QAT used to start them from the float weights and harden them to
+    affine codes, silently undoing the PTQ method (the layer lost its codebook)."""
+    session = Session()
+    result = _ptq(session)
+    model = result.model
+    name, layer = next((n, m) for n, m in quant_layers(model) if m.weight_spec.bits == 2)
+    table = torch.tensor([-0.05, 0.0, 0.05])
+    layer.set_codebook(table, (torch.sign(layer.weight.detach()) + 1).to(torch.uint8))
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(ConfigError, match=rf"codebook.*{name}.*kmeans option `epochs`"):
+        QATPass(QATPass.Config(epochs=1)).run(model, _ctx(session, result))
+    assert layer.has_codebook and torch.equal(layer.weight_codebook, table)
+    assert all(m.rounder is None and not isinstance(m.weight_quantizer.scale, nn.Parameter)
+               for _, m in quant_layers(model))
+    with torch.no_grad():
+        assert torch.equal(model(x), before)
+
+
+def test_qat_after_the_kmeans_pass_is_refused() -> None:
+    pytest.importorskip("quantplug_kmeans")
+    passes = [{"name": "kmeans", "options": {"epochs": 0}}, {"name": "qat", "options": {"epochs": 1}}]
+    with pytest.raises(ConfigError, match="lookup-table"):
+        apply("qat", "testing:tiny-resnet", base="kmeans", eval_samples=32, session=Session(),
+              overrides={"weight.bits": 2, "calib.num_samples": 64, "calib.batch_size": 32, "passes": passes})
+
+
 def test_bad_options_and_too_few_samples() -> None:
     for bad in ({"epochs": 0}, {"lr": 0.0}, {"distill": 1.5}, {"init": "random"}, {"optimizer": "lion"},
                 {"num_samples": 0}):
