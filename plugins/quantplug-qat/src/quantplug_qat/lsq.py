@@ -5,7 +5,9 @@ Bengio et al. 2013): ``dw_q / dw = 1`` inside the grid and 0 where ``w`` is clip
 ``dw_q / ds = round(w / s) - w / s`` inside and ``qmin - z`` / ``qmax - z`` at the clip (this is what
 ``quantplug.quantizer.fake_quant`` computes). The step gradient is multiplied by LSQ's
 ``g = 1 / sqrt(N * Q_P)`` with ``N`` the number of weights per step (weights) or of features per sample
-(activations) and ``Q_P`` the top of the grid.
+(activations) and ``Q_P`` the top of the grid (``2^b - 1`` on an asymmetric grid; LSQ's signed weight grid has
+``2^(b-1) - 1``). ``g`` changes training only under SGD (LSQ's optimizer): Adam normalizes each gradient by its
+running RMS, which cancels a constant factor.
 
 ``LSQWeight`` plugs into a quantized layer as its ``WeightRounder``: it holds a latent float weight,
 initialized from the layer's hardened integer codes so fine-tuning starts exactly at the PTQ result.
