@@ -42,10 +42,30 @@ INITS = ("codes", "float")
 OPTIMIZERS = ("sgd", "adam")
 
 
+def refuse_codebook_layers(model: nn.Module) -> None:
+    """ConfigError when a layer holds lookup-table weights (k-means, TTQ): QAT trains affine codes only.
+
+    Hardening would turn such a layer's codebook (Deep Compression's shared centroids, TTQ's ``{-W_n, 0, +W_p}``)
+    into affine codes of its float weights, i.e. silently undo the PTQ method. Fine-tuning the codebook is what
+    those methods' own passes do (Deep Compression's centroid fine-tuning, eq. 3; TTQ's scale and latent training).
+    """
+    names = [name for name, layer in quant_layers(model) if layer.has_codebook]
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ConfigError(
+            f"qat fine-tunes affine integer codes, but {len(names)} layer(s) hold lookup-table (codebook) weights "
+            f"from k-means or TTQ ({shown}); qat would replace the codebooks by affine codes. Fine-tune the "
+            "codebook in its own pass instead (kmeans option `epochs`: Deep Compression's centroid fine-tuning; "
+            "ttq options `epochs`, `learn_assignments`), or run qat on an affine PTQ result (e.g. --base nearest, "
+            "qdrop, brecq, adaround)"
+        )
+
+
 class FakeQuantTraining:
     """Puts a hardened quantized model into a trainable state and back (``harden``); see the module docstring."""
 
     def __init__(self, model: nn.Module, *, init: str, learn_weight_step: bool, learn_act_step: bool) -> None:
+        refuse_codebook_layers(model)
         self.model = model
         self.requires_grad = {id(p): p.requires_grad for p in model.parameters()}
         self.layers: list[tuple[str, QuantLayer, LSQWeight]] = []
@@ -193,6 +213,7 @@ class QATPass(ModelPass):
     def run(self, model: nn.Module, ctx: PassContext) -> dict[str, Any]:
         c = self.config
         t0 = time.perf_counter()
+        refuse_codebook_layers(model)  # before loading any data
         dataset = self.dataset(ctx)
         num_samples = len(dataset)  # type: ignore[arg-type]
         steps_per_epoch = math.ceil(num_samples / c.batch_size)

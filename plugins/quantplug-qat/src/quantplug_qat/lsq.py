@@ -5,7 +5,9 @@ Bengio et al. 2013): ``dw_q / dw = 1`` inside the grid and 0 where ``w`` is clip
 ``dw_q / ds = round(w / s) - w / s`` inside and ``qmin - z`` / ``qmax - z`` at the clip (this is what
 ``quantplug.quantizer.fake_quant`` computes). The step gradient is multiplied by LSQ's
 ``g = 1 / sqrt(N * Q_P)`` with ``N`` the number of weights per step (weights) or of features per sample
-(activations) and ``Q_P`` the top of the grid.
+(activations) and ``Q_P`` the top of the grid (``2^b - 1`` on an asymmetric grid; LSQ's signed weight grid has
+``2^(b-1) - 1``). ``g`` changes training only under SGD (LSQ's optimizer): Adam normalizes each gradient by its
+running RMS, which cancels a constant factor.
 
 ``LSQWeight`` plugs into a quantized layer as its ``WeightRounder``: it holds a latent float weight,
 initialized from the layer's hardened integer codes so fine-tuning starts exactly at the PTQ result.
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantplug.errors import ConfigError
 from quantplug.interfaces import WeightRounder
 from quantplug.modules import QuantLayer
 from quantplug.quantizer import AffineQuantizer, fake_quant_rows, from_rows, grad_scale, quantize, to_rows
@@ -35,13 +38,18 @@ class LSQWeight(WeightRounder):
     """Latent weight with a straight-through round and the layer's weight step learned with LSQ (Esser et al. 2020).
 
     ``init="codes"`` starts from the dequantized hard codes of the PTQ run (so the starting model is the PTQ
-    model, whatever rounding produced it); ``init="float"`` from the layer's full-precision weight.
+    model, whatever rounding produced it; a layer without hard codes rounds its weight to nearest, so it starts
+    from that weight); ``init="float"`` from the layer's full-precision weight. Lookup-table layers (k-means, TTQ)
+    are refused: their values are on no affine grid.
     """
 
     def __init__(self, layer: QuantLayer, init: str = "codes") -> None:
         super().__init__()
         quantizer = layer.weight_quantizer
         assert quantizer is not None and layer.weight_spec is not None
+        if layer.has_codebook:
+            raise ConfigError("LSQWeight trains affine codes; this layer holds a lookup-table (codebook) weight "
+                              "(k-means, TTQ), which hardening would replace: fine-tune it with its own pass")
         self.spec = layer.weight_spec
         with torch.no_grad():
             if init == "codes" and layer.weight_codes is not None:
