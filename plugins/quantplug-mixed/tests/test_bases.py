@@ -1,10 +1,22 @@
-"""``mixed --base X``: the base's own model passes run with ``mixed``."""
+"""``mixed --base X``: the base's own model passes run with ``mixed``; bases whose weights ignore the bit width are
+refused."""
 
 from __future__ import annotations
 
-import pytest
+import re
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import pytest
+import torch
+from mixed_toys import TwoBranch, run_pass, toy_recipe
+from quantplug_mixed.fixed_levels import check_bit_width_matters
+
+from quantplug import hookimpl
 from quantplug.api import apply
+from quantplug.config import ComponentRef
+from quantplug.errors import ConfigError
+from quantplug.interfaces import Rounding
 from quantplug.modules import quant_layers
 from quantplug.plugins import Session
 from quantplug.recipes import resolve_recipe
@@ -68,3 +80,45 @@ def test_mixed_over_dfq_runs_equalization_allocation_and_bias_correction_in_stag
     bits = result.passes["mixed"]["bits"]
     assert len(set(bits.values()) - {8}) > 1
     assert {n: m.weight_spec.bits for n, m in quant_layers(result.model)} == bits
+
+
+@pytest.mark.parametrize(("base", "component"), [("twn", "rounding 'ternary' (3 values)"),
+                                                 ("bwn", "rounding 'binary' (2 values)"),
+                                                 ("ttq", "model pass 'ttq' (3 values)")])
+def test_bases_whose_weights_ignore_the_bit_width_are_refused(session: Session, base: str, component: str) -> None:
+    _need(session, base)
+    with pytest.raises(ConfigError, match=rf"{re.escape(component)}.*fixed number of values whatever its bit width"):
+        apply("mixed", "testing:tiny-resnet", base=base, session=session, eval_samples=16, evaluate_fp=False,
+              overrides={"calib.num_samples": 32, "calib.batch_size": 32, "passes": [FISHER]})
+
+
+class FourLevelRounding(Rounding):
+    """A made-up rounding declaring that its weights always take 4 values."""
+
+    name = "four-levels"
+    fixed_weight_levels: ClassVar[int] = 4
+
+    @dataclass(frozen=True)
+    class Config:
+        pass
+
+
+class FourLevelPlugin:
+    @staticmethod
+    @hookimpl
+    def register_roundings(register: Any) -> None:
+        register(FourLevelRounding)
+
+
+def test_a_plugin_declares_fixed_levels_with_a_class_attribute() -> None:
+    import dataclasses
+
+    session = Session(entry_points=False, plugins=[FourLevelPlugin()])
+    recipe = dataclasses.replace(toy_recipe(3), rounding=ComponentRef("four-levels"))
+    with pytest.raises(ConfigError, match="rounding 'four-levels' \\(4 values\\)"):
+        check_bit_width_matters(recipe, session)
+    check_bit_width_matters(toy_recipe(3), session)  # nearest follows the bit width
+    # the pass itself refuses before measuring anything
+    with pytest.raises(ConfigError, match="fixed number of values"):
+        run_pass(TwoBranch(), torch.randn(16, 32), dataclasses.replace(toy_recipe(3), rounding=ComponentRef("ternary")),
+                 sensitivity="fisher")

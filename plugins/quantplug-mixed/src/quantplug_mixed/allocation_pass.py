@@ -18,6 +18,7 @@ from quantplug.interfaces import ModelPass, PassContext
 from quantplug.modules import QuantLayer
 from quantplug.prepare import set_weight_bits
 from quantplug_mixed.allocator import solve
+from quantplug_mixed.fixed_levels import check_bit_width_matters
 from quantplug_mixed.layers import LayerInfo, describe_layers
 from quantplug_mixed.sensitivity import (
     METHODS,
@@ -174,6 +175,7 @@ class MixedPrecisionPass(ModelPass):
     def run(self, model: nn.Module, ctx: PassContext) -> dict[str, Any]:
         start = time.perf_counter()
         recipe = ctx.recipe
+        check_bit_width_matters(recipe, ctx.session)
         sample = ctx.adapter.prepare_batch((ctx.calib_inputs[0], ctx.calib_targets[0]), ctx.device)[0]
         layers = describe_layers(model, ctx.fp_model, ctx.adapter, recipe, sample)
         allocated = [x for x in layers if x.allocated]
