@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from mixed_toys import SmallMLP, ToyAdapter, TwoBranch, labelled_batches, run_pass, toy_recipe
@@ -122,3 +124,19 @@ def test_the_layer_with_larger_curvature_gets_more_bits(method: str) -> None:
     q_model, summary = run_pass(TwoBranch(gain=0.25), inputs, toy_recipe(3), sensitivity=method, candidates=[2, 4],
                                 budget=3.0)
     assert summary["bits"] == {"a": 4, "b": 2}
+
+
+def test_hessian_sensitivity_works_on_a_transformer() -> None:
+    # the fused CPU attention kernel has no double backward; the Hessian-vector products use the maths kernel
+    from quantplug.api import apply
+
+    result = apply("mixed", "testing:tiny-decoder", eval_samples=16, evaluate_fp=False,
+                   overrides={"calib.num_samples": 32, "calib.batch_size": 16, "weight.bits": 3,
+                              "passes": [{"name": "mixed", "options": {"samples": 16, "hutchinson_iters": 4}}]})
+    summary = result.passes["mixed"]
+    assert summary["sensitivity"] == "hessian" and summary["allocated_layers"] == 11  # 13 minus first and last
+    assert all(1 <= p <= 4 for p in summary["trace_probes"].values())
+    assert all(math.isfinite(t) and t >= 0 for t in summary["mean_trace"].values())
+    assert sum(t > 0 for t in summary["mean_trace"].values()) >= 10
+    assert summary["average_bits"] <= 3.0 and len(set(summary["bits"].values()) - {8}) > 1
+    assert torch.backends.cuda.flash_sdp_enabled()  # the kernel choice is restored afterwards
