@@ -3,7 +3,8 @@
 A ``RecipeSpec`` is what plugins register. Resolving it walks its ``extends`` chain from the host
 defaults (``Recipe()``), applying each spec's overrides, then the chosen preset, then the user's
 ``-o path=value`` overrides. ``--base`` swaps the spec's own base, so a modifier recipe such as
-MRECG composes with either BRECQ or QDrop.
+MRECG composes with either BRECQ or QDrop. A spec with ``adds_passes`` (a model pass that composes with any
+base, such as ``mixed``) adds its ``passes`` to those of its base instead of replacing them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class RecipeSpec:
-    """A named method: overrides on ``extends`` plus presets (e.g. ``official`` and ``cpu-fast``)."""
+    """A named method: overrides on ``extends`` plus presets (e.g. ``official`` and ``cpu-fast``).
+
+    ``adds_passes``: the ``passes`` this recipe sets (in ``overrides``, a preset or the user's overrides) are added
+    to the passes of the recipe it sits on (``extends`` or ``--base``) instead of replacing them. A base pass of
+    the same name is replaced (that is how options change); the recipe's own passes come first, so within a stage
+    they run before the base's passes (``quantplug.passes.ModelPasses`` runs the passes stage by stage, in list order).
+    """
 
     name: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
@@ -31,6 +38,7 @@ class RecipeSpec:
     default_preset: str | None = None
     description: str = ""
     source: str = ""
+    adds_passes: bool = False
 
     kind = "recipe"
 
@@ -44,6 +52,7 @@ class RecipeSpec:
             "presets": {k: dict(v) for k, v in self.presets.items()},
             "default_preset": self.default_preset,
             "source": self.source,
+            "adds_passes": self.adds_passes,
         }
 
 
@@ -64,9 +73,9 @@ def resolve_recipe(
             raise ConfigError(
                 f"recipe {name!r} has no preset {chosen!r}; presets: {', '.join(sorted(spec.presets)) or 'none'}"
             )
-        recipe = apply_overrides(recipe, spec.presets[chosen])
+        recipe = _apply(recipe, spec, spec.presets[chosen])
     if overrides:
-        recipe = apply_overrides(recipe, overrides)
+        recipe = _apply(recipe, spec, overrides)
     full_name = name if base is None else f"{name}+{base}"
     return dataclasses.replace(recipe, name=full_name)
 
@@ -82,7 +91,17 @@ def _resolve_chain(session: Session, spec: RecipeSpec, *, base_override: str | N
         recipe = _resolve_chain(session, parent, base_override=None, seen=(*seen, spec.name))
         if parent.default_preset:
             recipe = apply_overrides(recipe, parent.presets[parent.default_preset])
-    recipe = apply_overrides(recipe, spec.overrides)
+    recipe = _apply(recipe, spec, spec.overrides)
     if spec.source:
         recipe = dataclasses.replace(recipe, source=spec.source)
     return recipe
+
+
+def _apply(recipe: Recipe, spec: RecipeSpec, overrides: Mapping[str, Any]) -> Recipe:
+    """``overrides`` on ``recipe``; with ``spec.adds_passes``, their ``passes`` go in front of ``recipe``'s."""
+    if spec.adds_passes and isinstance(overrides.get("passes"), (list, tuple)):
+        own = list(overrides["passes"])
+        names = {p.get("name") for p in own if isinstance(p, Mapping)}
+        kept = [{"name": p.name, "options": dict(p.options)} for p in recipe.passes if p.name not in names]
+        overrides = {**overrides, "passes": [*own, *kept]}
+    return apply_overrides(recipe, overrides)

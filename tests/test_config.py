@@ -57,6 +57,27 @@ def test_resolution_walks_bases_presets_and_base_swap(session) -> None:  # type:
         resolve_recipe(session, "qdorp")
 
 
+def test_a_recipe_that_adds_passes_keeps_those_of_its_base(session) -> None:  # type: ignore[no-untyped-def]
+    def refs(*names: str, **options: object) -> list[dict[str, object]]:
+        return [{"name": n, "options": dict(options) if n == "extra" else {}} for n in names]
+
+    session.recipes.register(RecipeSpec("two-passes", overrides={"passes": refs("p1", "p2")}), "test")
+    session.recipes.register(RecipeSpec("adder", extends="nearest", overrides={"passes": refs("extra")},
+                                        presets={"strong": {"passes": refs("extra", strength=2)}},
+                                        adds_passes=True), "test")
+    session.recipes.register(RecipeSpec("replacer", extends="nearest", overrides={"passes": refs("extra")}), "test")
+    names = lambda r: [p.name for p in r.passes]  # noqa: E731
+    assert names(resolve_recipe(session, "adder")) == ["extra"]
+    assert names(resolve_recipe(session, "adder", base="two-passes")) == ["extra", "p1", "p2"]
+    assert names(resolve_recipe(session, "replacer", base="two-passes")) == ["extra"]  # the default: replaced
+    # a preset or the user's passes change the recipe's own pass (same name) and keep the base's
+    r = resolve_recipe(session, "adder", base="two-passes", preset="strong")
+    assert names(r) == ["extra", "p1", "p2"] and r.passes[0].options == {"strength": 2}
+    r = resolve_recipe(session, "adder", base="two-passes",
+                       overrides={"passes": [{"name": "p2", "options": {"k": 1}}, *refs("extra")]})
+    assert names(r) == ["p2", "extra", "p1"] and r.passes[0].options == {"k": 1}
+
+
 def test_overrides_do_not_mutate_the_mappings_they_come_from() -> None:
     """A preset's nested value must survive a later override of one of its fields (order of resolutions)."""
     from quantplug.config import Recipe, apply_overrides

@@ -49,8 +49,10 @@ def test_depthwise_layers_get_their_own_candidates_and_the_ends_stay_fixed() -> 
     assert 72 * bits["dw"] + 256 * bits["pw"] <= math.floor(2.5 * (72 + 256))
     assert summary["allocated_layers"] == 2
     assert q_model.dw.weight_spec.bits == bits["dw"] and q_model.pw.weight_spec.bits == bits["pw"]
-    # too small for 4-bit depthwise weights: a clear error naming the remedy
-    with pytest.raises(ConfigError, match="below the cheapest allocation"):
+    # too small for 4-bit depthwise weights: a clear error in the budget's own units, naming the remedy
+    with pytest.raises(ConfigError, match=r"budget=2.0, budget_kind=avg_bits\) is 2 average weight bits \(656 bits "
+                       r"over 328 allocated weights\), below the cheapest allocation: 2.439 average weight bits "
+                       r"\(800 bits.*\(depthwise 4 bits, pointwise 2 bits\). Raise the budget"):
         run_pass(DepthwiseNet(), _images(), toy_recipe(3, fixed_ends=True), budget=2.0, hutchinson_iters=10)
     # depthwise candidates can be given explicitly, and pointwise ones apart
     _, summary = run_pass(DepthwiseNet(), _images(), toy_recipe(3, fixed_ends=True), budget=3.0,
@@ -86,6 +88,25 @@ def test_bytes_and_bops_budgets_are_absolute_totals() -> None:
     assert summary["bops"] <= bops
     # bops = MACs x weight bits x input bits; here inputs are not quantized (32 bits)
     assert summary["uniform"]["bops"] == (3 * 8 * 9 * 64 * 8 + 8 * 9 * 64 * 4 + 8 * 32 * 64 * 4 + 32 * 5 * 8) * 32
+
+
+def test_an_impossible_budget_is_reported_in_the_units_it_was_given_in() -> None:
+    # stem and head fixed at 8 bits (216 + 160 weights); the cheapest: dw (72 weights) at 4, pw (256) at 2 bits
+    fixed_bits = (216 + 160) * 8
+    cheapest_bytes = (fixed_bits + 72 * 4 + 256 * 2) / 8
+    with pytest.raises(ConfigError, match=rf"budget=400.0, budget_kind=bytes\) is 400 weight bytes \(fixed layers "
+                       rf"included\), below the cheapest allocation: {cheapest_bytes:,g} weight bytes"):
+        run_pass(DepthwiseNet(), _images(), toy_recipe(3, fixed_ends=True), budget_kind="bytes", budget=400)
+    macs = {"stem": 3 * 9 * 8 * 64, "dw": 9 * 8 * 64, "pw": 8 * 32 * 64, "head": 32 * 5}
+    cheapest_bops = (macs["stem"] * 8 + macs["dw"] * 4 + macs["pw"] * 2 + macs["head"] * 8) * 32
+    with pytest.raises(ConfigError, match=rf"budget_kind=bops\) is 1,000 BOPs per sample .*cheapest allocation: "
+                       rf"{cheapest_bops:,} BOPs per sample"):
+        run_pass(DepthwiseNet(), _images(), toy_recipe(3, fixed_ends=True), budget_kind="bops", budget=1000)
+    # the default budget (uniform --w-bits) can be impossible too: 2-bit weights, depthwise layers need 4
+    with pytest.raises(ConfigError,
+                       match=r"budget: null = the cost of uniform 2-bit weights, budget_kind=avg_bits\) is 2 average "
+                             r"weight bits"):
+        run_pass(DepthwiseNet(), _images(), toy_recipe(2, fixed_ends=True))
 
 
 def test_bad_options_raise_clear_errors() -> None:

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from mixed_toys import SmallMLP, ToyAdapter, TwoBranch, labelled_batches, run_pass, toy_recipe
-from quantplug_mixed.sensitivity import fisher_diagonals, hutchinson_traces, output_errors, take_samples
+from quantplug_mixed.sensitivity import (
+    TraceEstimate,
+    fisher_diagonals,
+    hutchinson_traces,
+    output_errors,
+    quantize_weight,
+    take_samples,
+)
 from torch.func import functional_call
+
+from quantplug.plugins import Session
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -122,3 +133,45 @@ def test_the_layer_with_larger_curvature_gets_more_bits(method: str) -> None:
     q_model, summary = run_pass(TwoBranch(gain=0.25), inputs, toy_recipe(3), sensitivity=method, candidates=[2, 4],
                                 budget=3.0)
     assert summary["bits"] == {"a": 4, "b": 2}
+
+
+def test_hessian_sensitivity_is_the_mean_trace_times_the_squared_error(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # HAWQ-V2: Omega_i(b) = Tr(H_i) / n_i * ||Q_b(W_i) - W_i||^2, with layers of 84, 49 and 21 weights so that
+    # Tr * ||Delta||^2 or Tr / n^2 * ||Delta||^2 would give other numbers; the traces are fixed to known values
+    import quantplug_mixed.allocation_pass as allocation_pass
+
+    traces = {"fc1": 3.0, "fc2": 5.0, "fc3": 7.0}
+    monkeypatch.setattr(allocation_pass, "hutchinson_traces",
+                        lambda *args, **kwargs: {n: TraceEstimate(t, 0.1, 4) for n, t in traces.items()})
+    torch.manual_seed(0)
+    model = SmallMLP(features=12, hidden=7, classes=3)
+    recipe = toy_recipe(3)
+    _, summary = run_pass(model, torch.randn(32, 12), recipe, budget=3.0)
+    session = Session(entry_points=False)
+    sizes = {"fc1": 84, "fc2": 49, "fc3": 21}
+    for name, trace in traces.items():
+        weight = model.get_submodule(name).weight.detach()
+        assert weight.numel() == sizes[name]
+        assert summary["mean_trace"][name] == pytest.approx(trace / sizes[name], rel=1e-12)
+        errors = {}
+        for bits in (2, 3, 4, 8):
+            delta = quantize_weight(weight, recipe.weight.with_bits(bits), session, recipe) - weight
+            errors[bits] = float((delta.double() ** 2).sum())
+            assert summary["table"][name][str(bits)] == pytest.approx(trace / sizes[name] * errors[bits], rel=1e-9)
+        assert errors[2] > errors[3] > errors[4] > errors[8] > 0  # real, distinct perturbations
+
+
+def test_hessian_sensitivity_works_on_a_transformer() -> None:
+    # the fused CPU attention kernel has no double backward; the Hessian-vector products use the maths kernel
+    from quantplug.api import apply
+
+    result = apply("mixed", "testing:tiny-decoder", eval_samples=16, evaluate_fp=False,
+                   overrides={"calib.num_samples": 32, "calib.batch_size": 16, "weight.bits": 3,
+                              "passes": [{"name": "mixed", "options": {"samples": 16, "hutchinson_iters": 4}}]})
+    summary = result.passes["mixed"]
+    assert summary["sensitivity"] == "hessian" and summary["allocated_layers"] == 11  # 13 minus first and last
+    assert all(1 <= p <= 4 for p in summary["trace_probes"].values())
+    assert all(math.isfinite(t) and t >= 0 for t in summary["mean_trace"].values())
+    assert sum(t > 0 for t in summary["mean_trace"].values()) >= 10
+    assert summary["average_bits"] <= 3.0 and len(set(summary["bits"].values()) - {8}) > 1
+    assert torch.backends.cuda.flash_sdp_enabled()  # the kernel choice is restored afterwards

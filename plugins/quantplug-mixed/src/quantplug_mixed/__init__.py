@@ -4,7 +4,8 @@ The ``mixed`` model pass (stage ``prepared``) measures how sensitive each layer 
 (Hessian trace x quantization error as in HAWQ-V2, an empirical-Fisher variant, or the output error of the model
 with one layer quantized), then solves the multiple-choice knapsack of HAWQ-V3 exactly (``allocator.solve``) and
 gives each layer its bit width before calibration, so any reconstruction recipe works on the chosen bit map.
-The ``mixed`` recipe puts the pass on top of ``nearest``, or of any base with ``--base``.
+The ``mixed`` recipe puts the pass on top of ``nearest``, or of any base with ``--base`` (whose own model passes
+are kept); bases whose weights ignore the bit width (binary, ternary, TTQ) are refused.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from quantplug import hookimpl
 from quantplug_mixed.allocation_pass import BUDGET_KINDS, MixedPrecisionPass
 from quantplug_mixed.allocator import Allocation, minimum_cost, solve
+from quantplug_mixed.fixed_levels import check_bit_width_matters, fixed_levels
 from quantplug_mixed.layers import KINDS, LayerInfo, count_macs, describe_layers, layer_kind
 from quantplug_mixed.recipe import MIXED
 from quantplug_mixed.sensitivity import (
@@ -28,10 +30,12 @@ __all__ = [
     "METHODS",
     "MIXED",
     "Allocation",
+    "check_bit_width_matters",
     "LayerInfo",
     "MixedPrecisionPass",
     "count_macs",
     "describe_layers",
+    "fixed_levels",
     "fisher_diagonals",
     "hutchinson_traces",
     "layer_kind",

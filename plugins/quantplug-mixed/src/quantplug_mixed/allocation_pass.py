@@ -17,7 +17,8 @@ from quantplug.errors import ConfigError
 from quantplug.interfaces import ModelPass, PassContext
 from quantplug.modules import QuantLayer
 from quantplug.prepare import set_weight_bits
-from quantplug_mixed.allocator import solve
+from quantplug_mixed.allocator import minimum_cost, solve
+from quantplug_mixed.fixed_levels import check_bit_width_matters
 from quantplug_mixed.layers import LayerInfo, describe_layers
 from quantplug_mixed.sensitivity import (
     METHODS,
@@ -43,6 +44,11 @@ def _bits_tuple(value: Any, what: str) -> tuple[int, ...]:
             raise ConfigError(f"mixed {what}: bit widths are integers from {MIN_BITS} to {MAX_BITS}; got {b!r}")
         out.append(b)
     return tuple(sorted(set(out)))
+
+
+def _readable(value: float) -> str:
+    """``1,234,567`` or ``1,234.125``: no exponent, whatever the model size."""
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:,.3f}"
 
 
 class MixedPrecisionPass(ModelPass):
@@ -130,6 +136,33 @@ class MixedPrecisionPass(ModelPass):
         total = c.budget * 8 if c.budget_kind == "bytes" else c.budget
         return math.floor(total + 1e-6) - fixed
 
+    def in_budget_units(self, layers: Sequence[LayerInfo], cost: int) -> str:
+        """``cost`` of the allocated layers (weight bits or BOPs) stated as ``budget`` is given (``budget_kind``)."""
+        kind = self.config.budget_kind
+        if kind == "avg_bits":
+            weights = sum(x.numel for x in layers if x.allocated)
+            return f"{cost / weights:.4g} average weight bits ({cost} bits over {weights} allocated weights)"
+        fixed = sum(self.cost(x, x.fixed_bits) for x in layers if x.fixed_bits is not None)
+        if kind == "bytes":
+            return f"{_readable((cost + fixed) / 8)} weight bytes (fixed layers included)"
+        return f"{_readable(cost + fixed)} BOPs per sample (fixed layers included)"
+
+    def check_feasible(self, layers: Sequence[LayerInfo], costs: Sequence[Sequence[int]], budget: int,
+                       uniform_bits: int) -> None:
+        """``ConfigError`` in the user's units if even the cheapest allocation exceeds ``budget``."""
+        cheapest = minimum_cost(costs)
+        if cheapest <= budget:
+            return
+        c = self.config
+        given = (f"budget={c.budget}, budget_kind={c.budget_kind}" if c.budget is not None
+                 else f"budget: null = the cost of uniform {uniform_bits}-bit weights, budget_kind={c.budget_kind}")
+        smallest = {x.kind: min(self.candidates_for(x)) for x in layers if x.allocated}
+        raise ConfigError(
+            f"mixed: the budget ({given}) is {self.in_budget_units(layers, budget)}, below the cheapest allocation: "
+            f"{self.in_budget_units(layers, cheapest)}, with every allocated layer at its smallest candidate "
+            f"({', '.join(f'{k} {b} bits' for k, b in sorted(smallest.items()))}). Raise the budget or add smaller "
+            "candidate bit widths")
+
     def sensitivities(self, model: nn.Module, ctx: PassContext, layers: Sequence[LayerInfo]
                       ) -> tuple[dict[str, dict[int, float]], dict[str, Any]]:
         """``Omega_i(b)`` for every allocated layer and candidate, and method-specific extras for the summary."""
@@ -174,6 +207,7 @@ class MixedPrecisionPass(ModelPass):
     def run(self, model: nn.Module, ctx: PassContext) -> dict[str, Any]:
         start = time.perf_counter()
         recipe = ctx.recipe
+        check_bit_width_matters(recipe, ctx.session)
         sample = ctx.adapter.prepare_batch((ctx.calib_inputs[0], ctx.calib_targets[0]), ctx.device)[0]
         layers = describe_layers(model, ctx.fp_model, ctx.adapter, recipe, sample)
         allocated = [x for x in layers if x.allocated]
@@ -182,9 +216,10 @@ class MixedPrecisionPass(ModelPass):
             return {"bits": {x.name: x.weight_bits for x in layers}, "allocated_layers": 0}
         uniform_bits = recipe.weight.bits
         budget = self.budget_for(layers, uniform_bits)
-        table, extras = self.sensitivities(model, ctx, allocated)
         options = [self.candidates_for(x) for x in allocated]
         costs = [[self.cost(x, b) for b in opts] for x, opts in zip(allocated, options)]
+        self.check_feasible(layers, costs, budget, uniform_bits)  # before the (costly) sensitivities
+        table, extras = self.sensitivities(model, ctx, allocated)
         values = [[table[x.name][b] for b in opts] for x, opts in zip(allocated, options)]
         answer = solve(costs, values, budget)
         chosen = {x.name: opts[k] for x, opts, k in zip(allocated, options, answer.choice)}

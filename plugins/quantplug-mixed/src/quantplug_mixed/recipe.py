@@ -1,4 +1,10 @@
-"""The ``mixed`` recipe: the bit-allocation pass on top of any base recipe (``--base qdrop``, ``--base brecq``...)."""
+"""The ``mixed`` recipe: the bit-allocation pass on top of any base recipe (``--base qdrop``, ``--base brecq``...).
+
+``adds_passes``: the ``mixed`` pass is added to the base's own model passes (``--base dfq`` keeps equalization,
+bias absorption and bias correction; ``--base kmeans`` its codebooks), and a ``passes`` preset or ``-o passes=[...]``
+only changes ``mixed``'s options. ``mixed`` comes first in the list, so it runs before any ``prepared``-stage pass of
+the base, which then sees the chosen bit map.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ MIXED = RecipeSpec(
     description="Mixed-precision weights: per-layer bit widths from a Hessian-trace sensitivity, allocated exactly "
     "under the size of uniform --w-bits (compose with --base qdrop / brecq / adaround)",
     overrides=_pass(),
+    adds_passes=True,
     presets={
         "fisher": _pass(sensitivity="fisher"),
         "output-mse": _pass(sensitivity="output_mse"),

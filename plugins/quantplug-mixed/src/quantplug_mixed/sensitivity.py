@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from quantplug.config import QuantSpec, Recipe
 from quantplug.errors import QuantplugError
@@ -121,30 +122,33 @@ def hutchinson_traces(model: nn.Module, adapter: ModelAdapter, names: Sequence[s
     with their graph, then for each layer a Rademacher ``z_i`` and ``H_ii z_i = d(g_i . z_i)/dW_i`` (a double
     backward restricted to the layer, so no cross-layer term ``z_i^T H_ij z_j`` adds noise). A layer stops once the
     standard error of its running mean is at most ``tol`` times the mean (checked after a full pass over the
-    batches and at least 3 probes); every layer stops after ``iters`` probes.
+    batches and at least 3 probes); every layer stops after ``iters`` probes. Scaled-dot-product attention runs
+    on its maths backend here: the fused kernels (flash attention on CPU) have no second derivative.
     """
     work, params = _with_grad(model, names)
     generator = torch.Generator().manual_seed(seed)
     values: list[list[float]] = [[] for _ in params]
     active = list(range(len(params)))
     min_iters = max(3, len(batches))
-    for t in range(iters):
-        if not active:
-            break
-        x, y = batches[t % len(batches)]
-        inputs, targets = adapter.prepare_batch((x, y), device)
-        loss = adapter.task_loss(adapter.forward(work, inputs), targets)
-        grads = torch.autograd.grad(loss, [params[i] for i in active], create_graph=True, allow_unused=True)
-        for i, g in zip(active, grads):
-            z = _rademacher(params[i].shape, generator, params[i])
-            value = 0.0
-            if g is not None and g.requires_grad:  # else the loss is linear in this layer: H_ii = 0
-                (hz,) = torch.autograd.grad(g, params[i], grad_outputs=z, retain_graph=True, allow_unused=True)
-                value = float((z * hz).sum()) if hz is not None else 0.0
-            values[i].append(value)
-        del loss, grads
-        if t + 1 >= min_iters:
-            active = [i for i in active if not _settled(values[i], tol)]
+    # the fused attention kernels (flash, memory-efficient) have no double backward: attention runs as plain maths
+    with sdpa_kernel(SDPBackend.MATH):
+        for t in range(iters):
+            if not active:
+                break
+            x, y = batches[t % len(batches)]
+            inputs, targets = adapter.prepare_batch((x, y), device)
+            loss = adapter.task_loss(adapter.forward(work, inputs), targets)
+            grads = torch.autograd.grad(loss, [params[i] for i in active], create_graph=True, allow_unused=True)
+            for i, g in zip(active, grads):
+                z = _rademacher(params[i].shape, generator, params[i])
+                value = 0.0
+                if g is not None and g.requires_grad:  # else the loss is linear in this layer: H_ii = 0
+                    (hz,) = torch.autograd.grad(g, params[i], grad_outputs=z, retain_graph=True, allow_unused=True)
+                    value = float((z * hz).sum()) if hz is not None else 0.0
+                values[i].append(value)
+            del loss, grads
+            if t + 1 >= min_iters:
+                active = [i for i in active if not _settled(values[i], tol)]
     out = {}
     for name, vals in zip(names, values):
         mean, stderr = _mean_stderr(vals)
