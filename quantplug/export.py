@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ from torch import nn
 from quantplug.config import Recipe
 from quantplug.errors import ArtifactError, ConfigError
 from quantplug.tensors import resolve_device
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "quantplug.json"
 WEIGHTS = "model.safetensors"
@@ -233,8 +236,9 @@ def read_state(run_dir: str) -> dict[str, torch.Tensor]:
 def build_from_manifest(manifest: dict[str, Any], device: str | torch.device = "cpu",
                         session: Any = None) -> nn.Module:
     """The prepared (not yet loaded) quantized model a manifest describes: its adapter loads the recorded model id
-    with the recorded options, and the recorded recipe and per-layer bits (a bit-allocation pass may have set
-    them) prepare it."""
+    with the recorded options, the recipe's ``float``-stage passes rebuild the modules they replaced (from their
+    recorded summaries, ``ModelPass.rebuild``), and the recorded recipe and per-layer bits (a bit-allocation
+    pass may have set them) prepare it."""
     from quantplug.api import build_quant_model
     from quantplug.plugins import Session
     from quantplug.prepare import LayerBits
@@ -243,8 +247,25 @@ def build_from_manifest(manifest: dict[str, Any], device: str | torch.device = "
     recipe = Recipe.from_dict(manifest["recipe"])
     adapter = session.adapter_for(manifest["model_id"])
     bit_map = [LayerBits(**b) for b in manifest["bit_map"]] if manifest.get("bit_map") else None
+    summaries = manifest.get("passes") or {}
+    float_passes: list[Any] = []
+    for ref in recipe.passes:
+        if ref.name not in session.model_passes:
+            logger.warning("model pass %r is not installed: modules it replaced (if any) cannot be rebuilt, so the "
+                           "saved state may not fit; install the plugin that provides it", ref.name)
+            continue
+        model_pass = session.make("model_pass", ref)
+        if model_pass.stage == "float":
+            float_passes.append(model_pass)
+
+    def rebuild(model: nn.Module) -> None:
+        for p in float_passes:
+            summary = summaries.get(p.name) if isinstance(summaries, dict) else None
+            p.rebuild(model, summary if isinstance(summary, dict) else {})
+
     _, model = build_quant_model(adapter, manifest["model_id"], recipe, torch.device(device),
-                                 manifest.get("model_options"), bit_map=bit_map)
+                                 manifest.get("model_options"), float_passes=rebuild if float_passes else None,
+                                 bit_map=bit_map)
     return model
 
 

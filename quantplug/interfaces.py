@@ -314,6 +314,13 @@ class ModelPass(Component):
       quantization-aware fine-tuning).
 
     ``run`` changes ``model`` in place and returns a JSON-able summary for the run manifest.
+
+    A saved run stores the model's state, not how a ``float`` pass changed its modules: ``quantplug.load``
+    rebuilds the model from its id, calls ``rebuild(model, summary)`` of every ``float`` pass of the recipe
+    (in order, with the summary its ``run`` returned) on the folded float model, prepares it and loads the
+    state. A pass that replaces modules records in its summary what ``rebuild`` needs to replace them again;
+    values (weights, buffers) come from the saved state. The default does nothing (a pass that changes only
+    values).
     """
 
     kind = "model_pass"
@@ -321,6 +328,9 @@ class ModelPass(Component):
 
     def run(self, model: nn.Module, ctx: PassContext) -> dict[str, Any]:
         raise NotImplementedError
+
+    def rebuild(self, model: nn.Module, summary: Mapping[str, Any]) -> None:
+        """Redo the module replacements ``run`` made, from its recorded ``summary`` (see the class docstring)."""
 
 
 PASS_STAGES = ("float", "prepared", "quantized")

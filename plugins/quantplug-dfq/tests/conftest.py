@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
 from quantplug.bn_fold import fold_batchnorm
+from quantplug.builtins.testing_models import TinyModelAdapter
+from quantplug.interfaces import UnitSpec
+from quantplug.modules import quantizable_layers
+from quantplug.plugins import Session
 
 
 def conv_bn_act(cin: int, cout: int, k: int, groups: int = 1, act: type[nn.Module] | None = nn.ReLU6) -> nn.Sequential:
@@ -90,3 +95,29 @@ def tiny_mobilenet() -> Callable[..., nn.Module]:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+
+
+class TinyMobileNetAdapter(TinyModelAdapter):
+    """``dfq-test:tiny-mobilenet``: the ReLU6 network above (seed 0, BN not folded) on ``synthetic:images``,
+    one block, so ``apply`` and ``load`` can run it like a real model id."""
+
+    name = "dfq-test"
+    prefixes = ("dfq-test",)
+    default_model = None
+
+    def load(self, model_id: str, *, device: torch.device, options: Mapping[str, Any] | None = None) -> nn.Module:
+        return build(seed=0, fold=False).to(device)
+
+    def default_data(self, model_id: str) -> str | None:
+        return "synthetic:images"
+
+    def blocks(self, model: nn.Module) -> list[UnitSpec]:
+        return [UnitSpec("model", ("",), tuple(quantizable_layers(model)))]
+
+
+@pytest.fixture
+def mobilenet_session() -> Session:
+    """A session that also knows ``dfq-test:tiny-mobilenet``."""
+    session = Session()
+    session.model_adapters.register(TinyMobileNetAdapter, "dfq-tests")
+    return session

@@ -6,6 +6,7 @@ import pytest
 import torch
 from quantplug_dfq.absorb import AbsorbBiasPass, absorbable_shift
 from quantplug_dfq.activations import ChannelClip
+from quantplug_dfq.equalize import EqualizePass
 from torch import nn
 
 from quantplug.bn_fold import fold_batchnorm
@@ -94,6 +95,34 @@ def test_padded_consumer_is_skipped() -> None:
     summary = AbsorbBiasPass().run(model, _ctx(model))
     assert summary["absorbed"] == [] and "pads" in summary["skipped"][0]["reason"]
     assert torch.equal(model.a.bias, bias)
+
+
+def test_relu6_stays_where_nothing_is_absorbed() -> None:
+    pair = Pair(nn.ReLU6()).eval()
+    with torch.no_grad():
+        pair.bn.bias.fill_(0.5)  # beta - 3 gamma = 0.5 - 3 * [0.5, 1, 0.2, 2] < 0: c = 0 on every channel
+    model = fold_batchnorm(pair)
+    x = _inputs()
+    before = model(x)
+    summary = AbsorbBiasPass().run(model, _ctx(model))
+    assert summary["absorbed"] == [] and "nothing to absorb" in summary["skipped"][0]["reason"]
+    assert isinstance(model.act, nn.ReLU6) and summary["channel_clips"] == {}
+    assert torch.equal(model(x), before)
+
+
+def test_only_pairs_with_something_to_absorb_get_a_channel_clip(tiny_mobilenet) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_mobilenet()
+    EqualizePass(EqualizePass.Config(relu6="skip")).run(model, _ctx(model))
+    assert not any(isinstance(m, ChannelClip) for m in model.modules())
+    summary = AbsorbBiasPass().run(model, _ctx(model))
+    nothing = [s for s in summary["skipped"] if "nothing to absorb" in s["reason"]]
+    assert summary["absorbed"] and nothing  # both kinds occur in this model
+    assert all(r["channels"] > 0 for r in summary["absorbed"])
+    clipped = {n for n, m in model.named_modules() if isinstance(m, ChannelClip)}
+    assert set(summary["channel_clips"]) == clipped
+    # every pair here has a ReLU6: one clip per pair that absorbed something, none elsewhere
+    assert len(clipped) == len(summary["absorbed"])
+    assert isinstance(model.get_submodule(nothing[0]["producer"].rsplit(".", 1)[0] + ".2"), nn.ReLU6)
 
 
 def test_negative_num_std_is_rejected() -> None:

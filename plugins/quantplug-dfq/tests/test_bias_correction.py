@@ -134,6 +134,26 @@ def test_analytic_correction_matches_the_measured_weight_error_bias(act: nn.Modu
         assert float((q(x) - fp(x)).mean((0, 2, 3)).abs().max()) < 0.01
 
 
+def test_analytic_skips_a_layer_called_on_two_inputs() -> None:
+    class TwoInputs(Pair):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.act(self.bn(self.a(x)))) + self.b(x)  # b also reads x, whose mean is not E[act]
+
+    torch.manual_seed(0)
+    fp = fold_batchnorm(TwoInputs(nn.ReLU()).eval())
+    q = copy.deepcopy(fp)
+    spec = QuantSpec(3, False, PerTensor())
+    q.b = QuantConv2d(fp.b, spec, None)
+    rows = to_rows(q.b.weight.detach(), spec)
+    q.b.weight_quantizer.set_qparams(*qparams_from_range(rows.min(1).values, rows.max(1).values, spec))
+    q.b.set_codes(q.b.nearest_codes())
+    bias = q.b.bias.detach().clone()
+    ctx = PassContext(None, Recipe(), ModelAdapter(), fp, [], [], torch.device("cpu"), 0, "quantized")
+    summary = BiasCorrectionPass(BiasCorrectionPass.Config(mode="analytic")).run(q, ctx)
+    assert summary["corrected"] == {} and "several inputs" in summary["skipped"]["b"]
+    assert torch.equal(q.b.bias, bias)
+
+
 def test_analytic_skips_layers_without_known_input_and_bad_mode(tiny_mobilenet) -> None:  # type: ignore[no-untyped-def]
     fp = tiny_mobilenet()
     batches = [torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(4))]

@@ -90,6 +90,25 @@ def test_relu_mode_replaces_relu6_by_relu_and_skip_mode_leaves_it(tiny_mobilenet
     assert all("ReLU6" in s["reason"] or "other users" in s["reason"] for s in summary["skipped"])
 
 
+def test_relu6_stays_when_every_scale_is_one() -> None:
+    class Mlp(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(2, 2), nn.ReLU6(), nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(self.act(self.fc1(x)))
+
+    model = Mlp()
+    with torch.no_grad():  # output ranges of fc1 = input ranges of fc2 = [1, 1/2]: s = 1 exactly
+        model.fc1.weight.copy_(torch.tensor([[1.0, 0.5], [0.25, -0.5]]))
+        model.fc2.weight.copy_(torch.tensor([[1.0, 0.5], [-0.5, 0.25]]))
+    summary = EqualizePass().run(model, _ctx(model))
+    assert summary["pairs"] == [["fc1", "fc2", "relu6"]] and summary["sweeps"] == 1
+    assert isinstance(model.act, nn.ReLU6) and summary["replaced_activations"] == 0
+    assert summary["channel_clips"] == {}
+
+
 def test_bn_statistics_follow_the_scales(tiny_mobilenet) -> None:  # type: ignore[no-untyped-def]
     model = tiny_mobilenet()
     name = "block1.conv.1.0"

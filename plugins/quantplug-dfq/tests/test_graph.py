@@ -26,15 +26,25 @@ def test_fx_finds_every_pair_with_activation_and_exclusivity(tiny_mobilenet) -> 
     assert {lk.activation_module for lk in links if lk.activation == "relu6"} >= {"stem.2", "last.2"}
 
 
-def test_sequential_fallback_when_fx_cannot_trace(tiny_mobilenet) -> None:  # type: ignore[no-untyped-def]
-    links = find_links(tiny_mobilenet(untraceable=True))
+def test_sequential_fallback_when_fx_cannot_trace(tiny_mobilenet, images) -> None:  # type: ignore[no-untyped-def]
+    model = tiny_mobilenet(untraceable=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    links = find_links(model, lambda m: m(images))
     assert links and all(lk.source == "sequential" for lk in links)
     found = {(lk.producer, lk.consumer) for lk in links}
     # only pairs inside one nn.Sequential: the blocks' own chains (stem -> block1, residual paths and the
     # functional head are invisible without the graph)
     assert found == {("block1.conv.0.0", "block1.conv.1.0"), ("block1.conv.1.0", "block1.conv.2.0"),
                      ("block2.conv.0.0", "block2.conv.1.0"), ("block2.conv.1.0", "block2.conv.2.0")}
-    assert all(lk.exclusive for lk in links)
+    assert all(lk.exclusive for lk in links)  # verified on the batch: the chains really are chains
+    # the probes left the model as it was: same values, ReLU6 modules still in place
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and state.keys() == \
+        model.state_dict().keys()
+    assert isinstance(model.block1.conv[0][2], nn.ReLU6)
+    # without data the module order proves nothing: no fallback pair may be scaled
+    unverified = find_links(model)
+    assert {(lk.producer, lk.consumer) for lk in unverified} == found
+    assert not any(lk.exclusive for lk in unverified) and all("no calibration batch" in lk.reason for lk in unverified)
 
 
 def test_residual_sum_and_shared_relu_are_handled() -> None:

@@ -11,7 +11,9 @@ Three model passes and the ``dfq`` recipe:
   correction (``quantplug_dfq.bias_correction``).
 
 The recipe extends ``nearest`` with per-tensor min-max weights, the setting DFQ targets (Sec. 5: per-tensor
-asymmetric 8-bit quantization).
+asymmetric 8-bit quantization). Presets: ``empirical`` (the default: equalize, absorb, empirical bias
+correction), ``analytic`` (the same with analytic bias correction) and ``equalize-only`` (cross-layer
+equalization alone).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ DFQ = RecipeSpec(
     presets={
         "empirical": {"passes": dfq_passes("empirical")},
         "analytic": {"passes": dfq_passes("analytic")},
-        "equalize-only": {"passes": dfq_passes(None)},
+        "equalize-only": {"passes": dfq_passes(None, absorb=False)},  # cross-layer equalization alone
     },
     source="Nagel et al., 'Data-Free Quantization Through Weight Equalization and Bias Correction', ICCV 2019",
 )

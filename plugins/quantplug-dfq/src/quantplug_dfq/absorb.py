@@ -10,12 +10,14 @@ range that must be quantized. From the folded BatchNorm, the pre-activation of c
 
 ``W2 c`` is exact only when the consumer sees no zero padding (a padded border would read the shifted
 value ``-c`` instead of 0), so only pairs whose consumer is a Linear or an unpadded convolution are
-absorbed, and only exclusive pairs (see ``quantplug_dfq.graph``) whose layers both have a bias.
+absorbed, and only exclusive pairs (see ``quantplug_dfq.graph``) whose layers both have a bias. A pair with
+``c = 0`` on every channel is left as it is: in particular its ReLU6 is not replaced by a per-channel clip.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +26,9 @@ from torch import nn
 
 from quantplug.errors import ConfigError
 from quantplug.interfaces import ModelPass, PassContext
-from quantplug_dfq.activations import ChannelClip
+from quantplug_dfq.activations import ChannelClip, channel_clips, rebuild_channel_clips
 from quantplug_dfq.bn_stats import bn_stats, distribution, shift_entry
-from quantplug_dfq.graph import Link, find_links, input_index, replace_with_channel_clip
+from quantplug_dfq.graph import Link, batch_runner, find_links, input_index, replace_with_channel_clip
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +56,8 @@ class AbsorbBiasPass(ModelPass):
 
     Stage ``float``, after ``equalize`` (equalization can leave large biases behind). Data-free: uses the
     folded BatchNorm statistics, kept current by ``equalize``. Applies to exclusive ReLU / ReLU6 pairs
-    whose consumer is unpadded (1x1 convolutions, Linear); a ReLU6 becomes a per-channel clip whose
-    threshold moves with ``c``. ``num_std`` is the paper's 3.
+    whose consumer is unpadded (1x1 convolutions, Linear) and where some channel has ``c > 0``; a ReLU6 there
+    becomes a per-channel clip whose threshold moves with ``c``. ``num_std`` is the paper's 3.
     """
 
     name = "absorb-bias"
@@ -72,7 +74,7 @@ class AbsorbBiasPass(ModelPass):
 
     def reason_to_skip(self, model: nn.Module, link: Link, stats: dict[str, Any]) -> str | None:
         if not link.exclusive:
-            return "the producer's output has other users"
+            return link.reason or "the producer's output has other users"
         if link.activation not in ("relu", "relu6", "channel_clip"):
             return f"activation {link.activation} (absorption needs a ReLU-like lower bound at 0)"
         if link.consumer_padded:
@@ -83,22 +85,45 @@ class AbsorbBiasPass(ModelPass):
             return "a layer without bias"
         return None
 
+    @staticmethod
+    def current_upper(model: nn.Module, link: Link) -> torch.Tensor | None:
+        """The activation's upper threshold per channel (a scalar for ReLU6), None for ReLU."""
+        if link.activation == "relu6" and link.upper is not None:
+            return torch.tensor(link.upper)
+        if link.activation == "channel_clip" and link.activation_module is not None:
+            clip = model.get_submodule(link.activation_module)
+            if isinstance(clip, ChannelClip):
+                return clip.upper.detach()
+        return None
+
     def run(self, model: nn.Module, ctx: PassContext) -> dict[str, Any]:
         stats = bn_stats(model)
         absorbed: list[dict[str, Any]] = []
         skipped: list[dict[str, str]] = []
-        for link in find_links(model):
+
+        def skip(link: Link, reason: str) -> None:
+            skipped.append({"producer": link.producer, "consumer": link.consumer, "reason": reason})
+
+        for link in find_links(model, batch_runner(ctx)):
             reason = self.reason_to_skip(model, link, stats)
-            clip: ChannelClip | None = None
-            if reason is None and link.activation != "relu":
-                clip = replace_with_channel_clip(model, link)
-                if clip is None:
-                    reason = "ReLU6 that is functional or shared cannot be replaced"
             if reason is not None:
-                skipped.append({"producer": link.producer, "consumer": link.consumer, "reason": reason})
+                skip(link, reason)
+                continue
+            upper = self.current_upper(model, link)
+            if link.activation != "relu" and upper is None:
+                skip(link, "ReLU6 that is functional or shared cannot be replaced")
                 continue
             mean, std = distribution(stats[link.producer])
-            shift = absorbable_shift(mean, std, self.config.num_std, clip.upper if clip is not None else None)
+            shift = absorbable_shift(mean, std, self.config.num_std, upper)
+            if not bool((shift > 0).any()):
+                skip(link, f"nothing to absorb: beta - {self.config.num_std:g} gamma <= 0 on every channel")
+                continue
+            clip: ChannelClip | None = None
+            if link.activation != "relu":
+                clip = replace_with_channel_clip(model, link)
+                if clip is None:
+                    skip(link, "ReLU6 that is functional or shared cannot be replaced")
+                    continue
             producer, consumer = model.get_submodule(link.producer), model.get_submodule(link.consumer)
             shift = shift.to(producer.bias.device, producer.bias.dtype)
             absorb_shift(producer, consumer, shift, clip)
@@ -106,4 +131,9 @@ class AbsorbBiasPass(ModelPass):
             absorbed.append({"producer": link.producer, "consumer": link.consumer,
                              "channels": int((shift > 0).sum()), "mean_shift": float(shift.mean())})
         logger.info("absorbed biases across %d layer pairs", len(absorbed))
-        return {"absorbed": absorbed, "skipped": skipped, "num_std": self.config.num_std}
+        return {"absorbed": absorbed, "skipped": skipped, "num_std": self.config.num_std,
+                "channel_clips": channel_clips(model)}
+
+    def rebuild(self, model: nn.Module, summary: Mapping[str, Any]) -> None:
+        """Put the per-channel clips of a saved run back (their thresholds come with the saved state)."""
+        rebuild_channel_clips(model, summary.get("channel_clips") or {})

@@ -4,14 +4,22 @@ Cross-layer equalization scales output channel ``j`` of a layer by ``1 / s_j``. 
 positive scale (``relu(z / s) = relu(z) / s``); ReLU6 does not, because its clip at 6 would have to
 move to ``6 / s_j``. ``ChannelClip`` is that activation: ``clamp(x, 0, upper_j)`` per channel, which
 replaces a ReLU6 whose thresholds then follow the equalization exactly (``upper = inf`` is a ReLU).
+
+A saved run holds the clips' thresholds but not the module replacement: the ``float`` passes record where
+the clips are (``channel_clips``) and ``rebuild_channel_clips`` puts them back before the state is loaded.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
+
+from quantplug.errors import ArtifactError
+from quantplug.modules import set_submodule
 
 
 class ChannelClip(nn.Module):
@@ -42,6 +50,31 @@ class ChannelClip(nn.Module):
             return f"channels={self.upper.numel()}, upper=inf"
         return f"channels={self.upper.numel()}, upper in [{float(self.upper[finite].min()):.3g}, " \
                f"{float(self.upper[finite].max()):.3g}]"
+
+
+def channel_clips(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Every ``ChannelClip`` of ``model``: ``{name: {"channels": n, "channel_dim": d}}`` (JSON-able)."""
+    return {name: {"channels": int(m.upper.numel()), "channel_dim": int(m.channel_dim)}
+            for name, m in model.named_modules() if isinstance(m, ChannelClip)}
+
+
+def rebuild_channel_clips(model: nn.Module, record: Mapping[str, Mapping[str, Any]]) -> int:
+    """Replace each module named in ``record`` (a ``channel_clips`` result) by a ``ChannelClip`` of that shape,
+    thresholds ``inf`` until the saved state is loaded; modules that already are one stay. Returns how many
+    were replaced."""
+    replaced = 0
+    for name, entry in record.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError as exc:
+            raise ArtifactError(f"the run records a per-channel clip at {name!r}, which the model does not have; "
+                                "the run comes from another model or version: re-run `quantplug apply`") from exc
+        if isinstance(module, ChannelClip):
+            continue
+        upper = torch.full((int(entry["channels"]),), math.inf)
+        set_submodule(model, name, ChannelClip(upper, int(entry["channel_dim"])))
+        replaced += 1
+    return replaced
 
 
 def _phi(x: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,9 @@ through the network. Correcting the bias of a layer by the expected error restor
   that produces ``x``: its pre-activation is ``N(beta, gamma^2)``, so after a ReLU ``E[x]`` is the mean of a
   clipped normal, ``beta (1 - Phi(-beta / gamma)) + gamma phi(-beta / gamma)`` (Eq. 13; ReLU6: clipped at 6
   too). Only weight error is corrected, and only layers whose input comes from one BN-folded layer through
-  a ReLU-like activation, nothing, or an average pool (see ``quantplug_dfq.graph``).
+  a ReLU-like activation, nothing, or an average pool (see ``quantplug_dfq.graph``), and that are called on
+  that input only. Zero padding is ignored: every kernel tap is taken to read ``E[x]``, though at the border
+  a padded convolution's taps read 0 (on small feature maps a large share of the reads; see the README).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from quantplug.modules import QuantLayer, quant_layers
 from quantplug.tensors import to_device as _to_device
 from quantplug_dfq.activations import ChannelClip, clipped_normal_mean
 from quantplug_dfq.bn_stats import bn_stats, distribution
-from quantplug_dfq.graph import Link, find_links, input_index
+from quantplug_dfq.graph import CONSUMER_CALLED_TWICE, Link, find_links, input_index
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +204,9 @@ class BiasCorrectionPass(ModelPass):
             link = by_consumer.get(name)
             if not layer.quantizes_weight:
                 skipped[name] = "weights not quantized"
+                continue
+            if link is not None and link.reason == CONSUMER_CALLED_TWICE:
+                skipped[name] = "the layer is called on several inputs, whose means differ"
                 continue
             expected = expected_input(model, link, stats) if link is not None else None
             if expected is None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +23,17 @@ from torch import nn
 
 from quantplug.errors import ConfigError
 from quantplug.interfaces import ModelPass, PassContext
-from quantplug_dfq.activations import ChannelClip
+from quantplug.modules import set_submodule
+from quantplug_dfq.activations import ChannelClip, channel_clips, rebuild_channel_clips
 from quantplug_dfq.bn_stats import bn_stats, scale_entry
-from quantplug_dfq.graph import Link, find_links, input_index, replace_with_channel_clip
+from quantplug_dfq.graph import (
+    Link,
+    batch_runner,
+    find_links,
+    input_index,
+    replace_with_channel_clip,
+    scale_pair,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -58,20 +66,6 @@ def equalization_scales(r1: torch.Tensor, r2: torch.Tensor) -> torch.Tensor:
     return torch.where(live, s, torch.ones_like(s))
 
 
-@torch.no_grad()
-def scale_pair(producer: nn.Module, consumer: nn.Module, scales: torch.Tensor,
-               clip: ChannelClip | None = None) -> None:
-    """Divide the producer's output channels by ``scales`` and multiply the consumer's inputs by them."""
-    view = (-1,) + (1,) * (producer.weight.dim() - 1)
-    producer.weight.div_(scales.reshape(view))
-    if producer.bias is not None:
-        producer.bias.div_(scales)
-    factor = scales[input_index(consumer)]  # [out, in / groups]
-    consumer.weight.mul_(factor.reshape(factor.shape + (1,) * (consumer.weight.dim() - 2)))
-    if clip is not None:
-        clip.upper.div_(scales.to(clip.upper.device))
-
-
 def per_tensor_precision(layer: nn.Module) -> float:
     """Mean over output channels of ``range_c / range_tensor`` (DFQ's Fig. 2 measure; 1 is ideal)."""
     r = producer_ranges(layer)
@@ -100,6 +94,19 @@ def equalize_links(model: nn.Module, links: Sequence[Link], clips: dict[str, Cha
 
 def _mean(values: dict[str, float]) -> float:
     return sum(values.values()) / len(values) if values else 1.0
+
+
+def restore_unscaled_activations(model: nn.Module, originals: dict[str, nn.Module]) -> list[str]:
+    """Put back each replaced ReLU6 / ``Hardtanh(0, u)`` whose per-channel clip still holds ``u`` on every
+    channel (every scale was exactly 1): the clip would change nothing but the saved model's layout."""
+    restored: list[str] = []
+    for name, original in originals.items():
+        clip = model.get_submodule(name)
+        if isinstance(clip, ChannelClip) and isinstance(original, nn.Hardtanh) and bool(
+                (clip.upper == float(original.max_val)).all()):
+            set_submodule(model, name, original)
+            restored.append(name)
+    return restored
 
 
 # ------------------------------------------------------------------------------------------ pass
@@ -131,19 +138,21 @@ class EqualizePass(ModelPass):
         if self.config.max_sweeps < 1 or not self.config.tolerance > 0:
             raise ConfigError("equalize: max_sweeps must be >= 1 and tolerance > 0")
 
-    def select(self, model: nn.Module, links: Sequence[Link]) -> tuple[list[Link], dict[str, ChannelClip | None],
-                                                                      list[dict[str, str]]]:
-        """The links to equalize, the per-channel clips they carry, and the skipped links with reasons."""
+    def select(self, model: nn.Module, links: Sequence[Link], originals: dict[str, nn.Module] | None = None
+               ) -> tuple[list[Link], dict[str, ChannelClip | None], list[dict[str, str]]]:
+        """The links to equalize, the per-channel clips they carry, and the skipped links with reasons.
+        ``originals`` receives each activation module replaced by a clip (by name)."""
         chosen: list[Link] = []
         clips: dict[str, ChannelClip | None] = {}
         skipped: list[dict[str, str]] = []
+        originals = {} if originals is None else originals
 
         def skip(link: Link, reason: str) -> None:
             skipped.append({"producer": link.producer, "consumer": link.consumer, "reason": reason})
 
         for link in links:
             if not link.exclusive:
-                skip(link, "the producer's output has other users")
+                skip(link, link.reason or "the producer's output has other users")
                 continue
             if link.activation == "identity" and not self.config.through_identity:
                 skip(link, "no activation in between (through_identity=false)")
@@ -153,10 +162,13 @@ class EqualizePass(ModelPass):
                 if self.config.relu6 == "skip":
                     skip(link, "ReLU6 (relu6=skip)")
                     continue
+                original = model.get_submodule(link.activation_module) if link.activation_module else None
                 clip = replace_with_channel_clip(model, link)
                 if clip is None:
                     skip(link, "ReLU6 that is functional or shared cannot be replaced")
                     continue
+                if original is not None and original is not clip and link.activation_module is not None:
+                    originals[link.activation_module] = original
                 if self.config.relu6 == "relu":
                     clip.upper.fill_(math.inf)
             chosen.append(link)
@@ -164,12 +176,14 @@ class EqualizePass(ModelPass):
         return chosen, clips, skipped
 
     def run(self, model: nn.Module, ctx: PassContext) -> dict[str, Any]:
-        links = find_links(model)
-        chosen, clips, skipped = self.select(model, links)
+        links = find_links(model, batch_runner(ctx))
+        originals: dict[str, nn.Module] = {}
+        chosen, clips, skipped = self.select(model, links, originals)
         producers = sorted({link.producer for link in chosen})
         before = {n: per_tensor_precision(model.get_submodule(n)) for n in producers}
         sweeps, change = equalize_links(model, chosen, clips, self.config.max_sweeps, self.config.tolerance)
         after = {n: per_tensor_precision(model.get_submodule(n)) for n in producers}
+        restored = restore_unscaled_activations(model, originals)
         converged = change <= self.config.tolerance
         if not converged:
             logger.warning("equalization stopped after %d sweeps with scales still moving by %.3g", sweeps, change)
@@ -181,8 +195,13 @@ class EqualizePass(ModelPass):
             "last_change": change,
             "converged": converged,
             "relu6": self.config.relu6,
-            "replaced_activations": sum(1 for c in clips.values() if c is not None),
+            "replaced_activations": len(originals) - len(restored),
             "graph": chosen[0].source if chosen else (links[0].source if links else "none"),
             "precision_before": _mean(before),
             "precision_after": _mean(after),
+            "channel_clips": channel_clips(model),
         }
+
+    def rebuild(self, model: nn.Module, summary: Mapping[str, Any]) -> None:
+        """Put the per-channel clips of a saved run back (their thresholds come with the saved state)."""
+        rebuild_channel_clips(model, summary.get("channel_clips") or {})
