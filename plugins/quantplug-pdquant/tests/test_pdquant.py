@@ -184,7 +184,7 @@ def test_released_code_branch_keeps_the_drop_inside_the_unit(monkeypatch: pytest
     def selecting(self, x):  # type: ignore[no-untyped-def]
         mask, keep = original_select(self, x)
         if self._entry_in_full:
-            masks.append((x is self._unit_input, bool(mask.all())))
+            masks.append((x is self._quant_input, bool(mask.all())))
         return mask, keep
 
     monkeypatch.setattr(DropPolicy, "quantize_unit_entry", toggling)

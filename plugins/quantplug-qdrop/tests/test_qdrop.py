@@ -46,20 +46,37 @@ def test_unit_input_mixes_quantized_with_full_precision_input() -> None:
     assert torch.equal(inner.unique(), torch.tensor([1.0, 1.3]))
 
 
+def test_the_unit_input_is_mixed_once_for_every_consumer() -> None:
+    """As released (``cur_inp = where(rand < p, cur_quant_inp, cur_fp_inp)``): the shortcut, a LayerNorm or a
+    pooling that reads the unit input sees the mix, and two quantizers reading it use the same mask."""
+    q1, q2 = _quantizer(), _quantizer()
+    policy = DropPolicy()
+    policy.begin([q1, q2], torch.Generator().manual_seed(4))
+    x_q, x_fp = torch.full((10_000,), 1.3), torch.full((10_000,), 2.7)
+    mixed = policy.mix_unit_input(x_q, x_fp)
+    from_quantized = mixed == 1.3
+    assert torch.equal(mixed.unique(), torch.tensor([1.3, 2.7]))  # a non-quantizer consumer gets the mix
+    assert abs(from_quantized.float().mean().item() - 0.5) < 0.02
+    out1, out2 = q1(mixed), q2(mixed)
+    assert torch.equal(out1, out2)  # one mask: conv1 and the downsample agree
+    assert torch.equal(out1 == 1.0, from_quantized)  # the quantized-model elements are the quantized ones
+    assert torch.equal(out1[~from_quantized], x_fp[~from_quantized])
+
+
 def test_entry_in_full_quantizes_the_unit_input_and_keeps_the_drop_inside() -> None:
     q = _quantizer()
     policy = DropPolicy()
     assert policy.controls_unit_entry
     policy.begin([q], torch.Generator().manual_seed(2))
     x_q, x_fp = torch.full((10_000,), 1.3), torch.full((10_000,), 2.7)
-    policy.mix_unit_input(x_q, x_fp)
+    mixed = policy.mix_unit_input(x_q, x_fp)
     policy.quantize_unit_entry(True)
     assert torch.equal(q(x_q).unique(), torch.tensor([1.0]))  # every element of the unit input quantized
     inner = q(torch.full((10_000,), 1.3))
     assert torch.equal(inner.unique(), torch.tensor([1.0, 1.3]))  # inside the unit: still dropped
     assert abs((inner == 1.0).float().mean().item() - 0.5) < 0.02
     policy.quantize_unit_entry(False)
-    assert torch.equal(q(x_q).unique(), torch.tensor([1.0, 2.7]))  # back to mixing with the fp input
+    assert torch.equal(q(mixed).unique(), torch.tensor([1.0, 2.7]))  # back to mixing with the fp input
     policy.quantize_unit_entry(True)
     policy.end([q])
     assert not policy._entry_in_full
@@ -77,7 +94,11 @@ def test_weight_only_runs_mix_the_unit_input_only_when_asked() -> None:
     assert abs((mixed == 1.3).float().mean().item() - 0.5) < 0.02
     with_quantizer = DropPolicy(DropPolicy.make_config({"mix_weight_only_inputs": True}))
     with_quantizer.begin([_quantizer()], torch.Generator().manual_seed(3))
-    assert with_quantizer.mix_unit_input(x_q, x_fp) is x_q  # activations quantized: the entry quantizer mixes
+    with_mixed = with_quantizer.mix_unit_input(x_q, x_fp)  # activations quantized: mixed whatever the option
+    assert torch.equal(with_mixed.unique(), torch.tensor([1.3, 2.7]))
+    unmixed = DropPolicy(DropPolicy.make_config({"input_mixing": False}))
+    unmixed.begin([_quantizer()], torch.Generator().manual_seed(3))
+    assert unmixed.mix_unit_input(x_q, x_fp) is x_q
 
 
 def test_same_generator_same_masks() -> None:

@@ -8,9 +8,9 @@ kept elements come from the full-precision model (the official ``input_prob`` mi
 jointly with the rounding (LSQ-style, Adam lr 4e-5, cosine decay); the loss is plain MSE as in the
 released configs.
 
-Where one tensor feeds two layers (a residual block's input feeds conv1 and the downsample), each
-layer's input quantizer draws its own mask; in the official code one mask is drawn at the block
-input. The expected fraction of quantized elements is the same.
+The unit input is mixed once, with one mask, as in the official code: every consumer of the input (conv1 and
+the downsample, the identity shortcut, a LayerNorm or pooling first in the unit) reads the same mix. Inside
+the unit each layer input quantizer draws its own mask.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class DropPolicy(ActivationPolicy):
         self._fp_input: torch.Tensor | None = None
         self._entry_in_full = False
         self._has_quantizers = False
+        self._entry_mask: torch.Tensor | None = None
+        self._quant_input: torch.Tensor | None = None  # the unit's quantized-model input (PD-Quant's branch)
 
     def _generator_for(self, device: torch.device) -> torch.Generator | None:
         gen = self._generator
@@ -90,37 +92,44 @@ class DropPolicy(ActivationPolicy):
             q.selector = self.select
 
     def mix(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
-        if self._entry_in_full and x is self._unit_input:
+        if self._entry_in_full and x is self._quant_input:
             return xq
-        keep = x
-        if self.config.input_mixing and x is self._unit_input and self._fp_input is not None:
-            keep = self._fp_input
-        return torch.where(self._rand(x) < self.config.prob, xq, keep)
+        if x is self._unit_input and self._entry_mask is not None:
+            return torch.where(self._entry_mask, xq, self._fp_input)
+        return torch.where(self._rand(x) < self.config.prob, xq, x)
 
     def select(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The fused path of ``mix``: which elements are quantized, and what the others take."""
-        if self._entry_in_full and x is self._unit_input:
+        if self._entry_in_full and x is self._quant_input:
             return torch.ones(x.shape, dtype=torch.bool, device=x.device), None
-        keep = None
-        if self.config.input_mixing and x is self._unit_input and self._fp_input is not None:
-            keep = self._fp_input
-        return self._quantize_mask(x), keep
+        if x is self._unit_input and self._entry_mask is not None:
+            return self._entry_mask, self._fp_input
+        return self._quantize_mask(x), None
 
     def mix_unit_input(self, quant_input: torch.Tensor, fp_input: torch.Tensor | None) -> torch.Tensor:
-        self._unit_input, self._fp_input = quant_input, fp_input
-        weight_only = not self._has_quantizers and self.config.mix_weight_only_inputs and self.config.input_mixing
-        if weight_only and fp_input is not None and not self._entry_in_full:
-            return torch.where(self._quantize_mask(quant_input), quant_input, fp_input)
-        return quant_input
+        """The official ``input_prob`` mixing: one mask for the unit input, ``where(mask, quantized-model input,
+        fp-model input)``, which every consumer of the input reads (a residual shortcut, a LayerNorm, a pooling
+        before the head). A quantizer reading the input itself quantizes the masked elements and passes the
+        others' full-precision values, with the same mask (so two layers reading the input agree)."""
+        self._quant_input = self._unit_input = quant_input
+        self._fp_input = self._entry_mask = None
+        mixing = self.config.input_mixing and fp_input is not None and not self._entry_in_full
+        if not mixing or not (self._has_quantizers or self.config.mix_weight_only_inputs):
+            return quant_input
+        mask = self._quantize_mask(quant_input)
+        mixed = torch.where(mask, quant_input, fp_input)
+        self._unit_input, self._fp_input, self._entry_mask = mixed, fp_input, mask
+        return mixed
 
     def quantize_unit_entry(self, in_full: bool) -> None:
-        """PD-Quant's prediction branch as released: the unit's (quantized-model) input quantized in full, the
-        drop inside the unit on (``block(cat(drop_inp, cur_inp))`` with every ``is_training`` still True)."""
+        """PD-Quant's prediction branch as released: the unit's quantized-model input (the one given to
+        ``mix_unit_input``, unmixed) quantized in full, the drop inside the unit on (``block(cat(drop_inp,
+        cur_inp))`` with every ``is_training`` still True)."""
         self._entry_in_full = in_full
 
     def end(self, quantizers: Sequence[nn.Module]) -> None:
         self._entry_in_full = False
-        self._unit_input = self._fp_input = None
+        self._unit_input = self._fp_input = self._entry_mask = self._quant_input = None
         self._generator = None
         super().end(quantizers)
 
