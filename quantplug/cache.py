@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from quantplug.errors import ConfigError
+
 BYTES = {"cpu": 4, "fp16": 2, "disk": 4}
 
 
@@ -42,7 +44,14 @@ class TensorCache:
         self._tensor = torch.empty(0)
         if mode == "disk":
             self._dir = tempfile.mkdtemp(prefix="quantplug-cache-", dir=directory)
-            self._fd = os.open(os.path.join(self._dir, "cache.f32"), os.O_RDWR | os.O_CREAT, 0o600)
+            path = os.path.join(self._dir, "cache.f32")
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:  # only the descriptor is used: with the name gone, no exit (SIGTERM, SIGKILL) leaves the file behind
+                os.unlink(path)
+                os.rmdir(self._dir)
+                self._dir = None
+            except OSError:  # a platform that cannot remove an open file: removed by close()
+                pass
             self._sample_bytes = math.prod(self.sample_shape) * 4
             os.ftruncate(self._fd, num * self._sample_bytes)
         else:
@@ -56,7 +65,12 @@ class TensorCache:
 
     def write(self, start: int, values: torch.Tensor) -> None:
         if self._fd is None:
-            self._tensor[start : start + values.shape[0]] = values.detach().to("cpu", self._tensor.dtype)
+            stored = values.detach().to("cpu", self._tensor.dtype)
+            if self.mode == "fp16" and not bool(torch.isfinite(stored).all()) and bool(torch.isfinite(values).all()):
+                raise ConfigError(
+                    f"a cached value ({float(values.detach().abs().max()):.4g}) exceeds float16's range (65504): "
+                    "use recon.cache=cpu (float32) or disk for this model")
+            self._tensor[start : start + values.shape[0]] = stored
             return
         if start < 0 or start + values.shape[0] > self.num:
             raise IndexError(f"cache write of {values.shape[0]} samples at {start} outside 0..{self.num}")
@@ -114,7 +128,7 @@ def _read_all(fd: int, buf: memoryview, offset: int) -> None:
     while len(buf):
         n = os.preadv(fd, [buf], offset)
         if n == 0:
-            raise OSError(f"cache file ended early at byte {offset}: was it deleted or truncated?")
+            raise OSError(f"cache file ended early at byte {offset}: was it truncated (disk full)?")
         buf, offset = buf[n:], offset + n
 
 

@@ -8,7 +8,6 @@ loss, the rounding regularizer and the activation policy; harden; checkpoint; mo
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -505,6 +504,7 @@ class ReconstructionEngine:
                     f"loss {self.loss.name!r} wants its second output with the policy's mixing kept inside the unit, "
                     f"which activation policy {self.policy.name!r} cannot do; use the drop policy (QDrop) or the "
                     "loss option that switches the policy off for that output")
+            nonfinite = torch.zeros((), dtype=torch.bool, device=device)
             for it in bar:
                 progress = it / iters
                 idx = torch.randint(n, (batch,), generator=generator)
@@ -535,8 +535,12 @@ class ReconstructionEngine:
                     opt.step()
                 for sched in schedulers:
                     sched.step()
-                if it % 50 == 0 and any_rank(not math.isfinite(float(loss.detach())), device):
-                    raise FloatingPointError(f"reconstruction loss of unit {unit.name} became {float(loss)}")
+                nonfinite |= ~torch.isfinite(total.detach())  # every step, without waiting for the device
+                if (it % 50 == 0 or it == iters - 1) and any_rank(bool(nonfinite), device):
+                    raise FloatingPointError(
+                        f"the reconstruction loss of unit {unit.name} became NaN or infinite by iteration {it + 1} "
+                        f"of {iters}; the unit's learned parameters are unusable. Check the calibration data, or "
+                        "lower the learning rates (recon.lr, recon.act_lr); with recon.cache=fp16, try fp32")
                 if it % max(1, recon.log_every // 10) == 0:
                     bar.set_postfix(loss=f"{float(loss.detach()):.4g}")
         finally:

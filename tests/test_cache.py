@@ -38,21 +38,21 @@ def test_fp16_halves_bytes_and_rounds_to_half(tmp_path) -> None:  # type: ignore
     assert out.dtype == torch.float32 and torch.equal(out, values.half().float())
 
 
-def test_disk_cache_lives_in_a_file_removed_on_close(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_disk_cache_file_has_no_name_so_no_exit_leaves_it_behind(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The file is unlinked as soon as it is open (SIGTERM or SIGKILL used to leave it and its directory)."""
     values = torch.randn(64, 16)
     cache = _filled("disk", tmp_path, values)
-    (folder,) = list(tmp_path.iterdir())
-    (file,) = list(folder.iterdir())
-    assert file.stat().st_size == 64 * 16 * 4
+    assert list(tmp_path.iterdir()) == []  # nothing to clean up, even before close
+    assert os.fstat(cache._fd).st_size == 64 * 16 * 4 and os.fstat(cache._fd).st_nlink == 0
     assert cache._tensor.numel() == 0  # nothing held in RAM besides the batch being read
+    assert torch.equal(cache.read(slice(0, 64), torch.device("cpu")), values)
     cache.close()
-    assert not folder.exists()
+    assert cache._fd is None
 
 
 def test_disk_cache_reports_a_truncated_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     cache = _filled("disk", tmp_path, torch.randn(8, 4))
-    (folder,) = list(tmp_path.iterdir())
-    os.truncate(next(folder.iterdir()), 16)
+    os.ftruncate(cache._fd, 16)
     with pytest.raises(OSError, match="ended early"):
         cache.read(slice(0, 8), torch.device("cpu"))
     with pytest.raises(IndexError):
@@ -60,6 +60,16 @@ def test_disk_cache_reports_a_truncated_file(tmp_path) -> None:  # type: ignore[
     with pytest.raises(IndexError):
         cache.write(6, torch.randn(3, 4))
     cache.close()
+
+
+def test_fp16_cache_refuses_values_beyond_its_range(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from quantplug.errors import ConfigError
+
+    cache = TensorCache("fp16", 4, (3,))
+    cache.write(0, torch.tensor([[1.0, 65504.0, -3.0]]))  # the largest float16 is fine
+    with pytest.raises(ConfigError, match=r"\(7e\+04\) exceeds float16's range.*recon.cache=cpu"):
+        cache.write(1, torch.tensor([[1.0, 7e4, -3.0]]))  # would read back as inf
+    cache.write(2, torch.tensor([[float("inf"), 0.0, 0.0]]))  # already infinite: not the cache's doing
 
 
 def test_integer_inputs_are_kept_exactly_in_ram(tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -287,3 +287,21 @@ def test_nan_weights_name_the_layer(session) -> None:  # type: ignore[no-untyped
         model.get_submodule(name).weight[0].view(-1)[0] = float("nan")
     with pytest.raises(DataError, match=f"layer '{name}' has NaN or inf weights"):
         calibrate_weights(model, session, recipe)
+
+
+def test_a_non_finite_loss_at_any_step_stops_the_run(session, fast, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """One NaN step is enough to poison Adam's state and every rounding parameter (hardening then rounds them all
+    down); the loss used to be looked at every 50th step only, so 40-step units never noticed."""
+    rounder_module = sys.modules[session.registry("rounding").get("soft-offset").__module__]  # the conftest
+    SoftOffsetRounder = rounder_module.SoftOffsetRounder  # noqa: N806
+    regularization = SoftOffsetRounder.regularization
+
+    def nan_once(self, progress):  # type: ignore[no-untyped-def]
+        if progress == 10 / 40:  # iteration 10 of 40
+            return torch.tensor(float("nan"))
+        return regularization(self, progress)
+
+    monkeypatch.setattr(SoftOffsetRounder, "regularization", nan_once)
+    with pytest.raises(FloatingPointError, match=r"became NaN or infinite by iteration 40 of 40.*learning rates"):
+        apply("soft-offset", "testing:tiny-resnet", session=session, eval_samples=32,
+              overrides={**fast, "weight.bits": 3, "activation": None, "recon.iters": 40})
