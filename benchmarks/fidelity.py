@@ -70,6 +70,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     from quantplug.api import apply, cli_overrides
 
     torch.set_num_threads(spec["threads"])
+    code = code_version()  # before the run: the code this process imported, not what was committed meanwhile
     t0 = time.perf_counter()
     overrides = {**cli_overrides(w_bits=spec["w_bits"], a_bits=spec["a_bits"]), "calib.seed": spec["seed"],
                  "calib.num_samples": spec["calib"], **spec.get("overrides", {})}
@@ -84,7 +85,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "cpu_seconds": _cpu_seconds(),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "recipe": result.recipe.to_dict(),
-        "code": code_version(),
+        "code": code,
         "units": len(result.records),
         # reconstruction time summed over units: over every process when an interrupted run was resumed
         "recon_seconds": sum(r.seconds for r in result.records),
