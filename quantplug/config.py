@@ -122,8 +122,12 @@ class BitPolicy:
     """Which layers get which bit widths.
 
     By default the first layer (its weights and its input) and the last layer (its weights and its
-    input activation) stay at 8 bits, as in BRECQ / QDrop / PD-Quant; the network output is never
-    quantized. ``overrides`` are ``(glob pattern on the layer name, weight bits, activation bits)``;
+    input activation) stay at 8 bits; the network output is never quantized. The released BRECQ / QDrop
+    code differs at the stem: it leaves the image unquantized, keeps the first layer's *output* at 8 bits
+    and does not reconstruct the first layer (``set_first_last_layer_to_8bit``, ``ignore_reconstruction``);
+    here the stem's output is quantized at the run's activation bits where the next layers read it, and
+    the stem is reconstructed like any unit (a bit override such as ``("layer1.0.conv1", 0, 8)`` on the
+    stem's consumers keeps that output at 8 bits). ``overrides`` are ``(glob pattern on the layer name, weight bits, activation bits)``;
     a bit value of 0 keeps that tensor in full precision. Later overrides win.
     """
 

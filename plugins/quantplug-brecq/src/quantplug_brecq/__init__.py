@@ -3,7 +3,8 @@
 The recipe: AdaRound rounding, block-wise reconstruction (stem and head as their own units), the
 Fisher-diagonal loss, and activation step sizes learned in a second pass with the weights fixed.
 
-Fisher-diagonal loss (``fisher_diag``), as in the released code (yhhhli/BRECQ):
+Fisher-diagonal loss (``fisher_diag``), as implemented in the released code (yhhhli/BRECQ; its
+``main_imagenet.py`` script itself runs ``opt_mode='mse'``, see the README):
 ``((out_q - out_fp)^2 * g^2).sum(1).mean()`` where ``g = |dL/dz| + 1`` (damping 1) is the gradient of
 ``L = KL(softmax(fp logits) || softmax(quantized logits))`` with respect to the unit output ``z``,
 captured once per unit over the calibration set with only that unit quantized (its weights rounded
