@@ -126,8 +126,8 @@ class BitPolicy:
     code differs at the stem: it leaves the image unquantized, keeps the first layer's *output* at 8 bits
     and does not reconstruct the first layer (``set_first_last_layer_to_8bit``, ``ignore_reconstruction``);
     here the stem's output is quantized at the run's activation bits where the next layers read it, and
-    the stem is reconstructed like any unit (a bit override such as ``("layer1.0.conv1", 0, 8)`` on the
-    stem's consumers keeps that output at 8 bits). ``overrides`` are ``(glob pattern on the layer name, weight bits, activation bits)``;
+    the stem is reconstructed like any unit (an override ``(consumer, W, 8)`` on each layer reading the stem's
+    output, W the run's weight bits, keeps that output at 8 bits: ``("layer1.0.conv1", 2, 8)`` on ResNet-18). ``overrides`` are ``(glob pattern on the layer name, weight bits, activation bits)``;
     a bit value of 0 keeps that tensor in full precision. Later overrides win.
     """
 
