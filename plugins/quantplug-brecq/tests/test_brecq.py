@@ -26,8 +26,20 @@ def test_kl_task_loss_zero_when_equal_and_matches_formula() -> None:
     assert float(_kl_task_loss(a, a)) == pytest.approx(0.0, abs=1e-6)
     b = torch.randn(4, 10)
     p = torch.softmax(b, 1)
-    expected = (p * (torch.log(p) - torch.log_softmax(a, 1))).sum() / 4
+    expected = (p * (torch.log(p) - torch.log_softmax(a, 1))).sum() / 32  # the released code's batch of 32
     assert float(_kl_task_loss(a, b)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_a_samples_gradient_does_not_depend_on_its_calibration_batch() -> None:
+    """The last, partial calibration batch (or a batch size other than 32) must not scale a sample's weight."""
+    q = torch.randn(16, 10, generator=torch.Generator().manual_seed(0))
+    fp = torch.randn(16, 10, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for rows in (slice(0, 16), slice(0, 3)):  # the same first sample in a batch of 16 and in one of 3
+        x = q[rows].clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(_kl_task_loss(x, fp[rows]), x)
+        grads.append(grad[0])
+    assert torch.allclose(grads[0], grads[1], atol=1e-7)
 
 
 def test_brecq_recipe_resolves_to_papers_parts() -> None:

@@ -24,17 +24,24 @@ from quantplug.engine import RunContext, entry_exit_modules, unit_layers
 from quantplug.interfaces import LossContext, ReconstructionLoss, ReconUnit
 from quantplug.modules import quant_layers
 from quantplug.recipes import RecipeSpec
+from quantplug.tensors import to_device
 
 __all__ = ["FisherDiagLoss", "BRECQ", "capture_output_gradients"]
 
 
+#: the released ``save_grad_data`` takes the KL's batch mean over batches of 32: each sample's gradient carries
+#: 1/32 whatever batch the calibration data comes in here (a last, partial batch must not weigh more)
+GRADIENT_BATCH = 32
+
+
 def _kl_task_loss(q_logits: torch.Tensor, fp_logits: torch.Tensor) -> torch.Tensor:
-    """BRECQ's proxy task loss: KL(p_fp || p_q) over the class (last) dimension, batch mean."""
+    """BRECQ's proxy task loss: KL(p_fp || p_q) over the class (last) dimension, summed over samples and divided
+    by ``GRADIENT_BATCH`` (the released code's batch mean at its batch size)."""
     dim = 1 if q_logits.dim() == 2 else -1
     log_q = F.log_softmax(q_logits, dim=dim)
     p_fp = F.softmax(fp_logits, dim=dim)
     kl = F.kl_div(log_q, p_fp, reduction="none").sum(dim)
-    return kl.sum() / q_logits.shape[0]
+    return kl.sum() / GRADIENT_BATCH
 
 
 def capture_output_gradients(run: RunContext, unit: ReconUnit, damping: float) -> torch.Tensor:
@@ -59,7 +66,7 @@ def capture_output_gradients(run: RunContext, unit: ReconUnit, damping: float) -
     grads = []
     try:
         for inputs in run.calib_inputs:
-            x = inputs.to(run.device) if isinstance(inputs, torch.Tensor) else inputs
+            x = to_device(inputs, run.device)  # a tensor, or a dict of token tensors
             with torch.no_grad():
                 fp_logits = run.adapter.forward(run.fp_model, x)
             with torch.enable_grad():
