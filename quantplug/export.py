@@ -215,9 +215,9 @@ def read_manifest(run_dir: str) -> dict[str, Any]:
     if not os.path.isfile(path):
         raise ArtifactError(f"{run_dir} has no {MANIFEST}: it is not a quantplug run (or the run did not finish)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # ValueError: invalid JSON and text that is not UTF-8
         raise ArtifactError(f"{path} is corrupt ({exc}); re-run `quantplug apply` to recreate it") from exc
     check_manifest(manifest, path)
     return manifest
@@ -233,6 +233,26 @@ def read_state(run_dir: str) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{path} is corrupt ({exc}); re-run `quantplug apply` to recreate it") from exc
 
 
+def recorded_bit_map(manifest: dict[str, Any]) -> list[Any]:
+    """The manifest's ``bit_map`` as ``LayerBits`` (``ArtifactError`` for an entry that is not one)."""
+    from quantplug.prepare import LayerBits
+
+    entries = []
+    for i, entry in enumerate(manifest.get("bit_map") or []):
+        fields = ("name", "weight_bits", "input_bits")
+        ok = isinstance(entry, dict) and set(entry) == set(fields) and isinstance(entry["name"], str)
+        for key in ("weight_bits", "input_bits"):
+            value = entry.get(key) if ok else None
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                ok = False
+        if not ok:
+            raise ArtifactError(f"bit_map entry {i} of the manifest of the {manifest.get('model_id')!r} run is "
+                                f"{entry!r}, not {{'name': str, 'weight_bits': int or null, 'input_bits': int or "
+                                "null}: the manifest was edited or is corrupt; re-run `quantplug apply`")
+        entries.append(LayerBits(**entry))
+    return entries
+
+
 def build_from_manifest(manifest: dict[str, Any], device: str | torch.device = "cpu",
                         session: Any = None) -> nn.Module:
     """The prepared (not yet loaded) quantized model a manifest describes: its adapter loads the recorded model id
@@ -241,12 +261,11 @@ def build_from_manifest(manifest: dict[str, Any], device: str | torch.device = "
     pass may have set them) prepare it."""
     from quantplug.api import build_quant_model
     from quantplug.plugins import Session
-    from quantplug.prepare import LayerBits
 
     session = session or Session()
     recipe = Recipe.from_dict(manifest["recipe"])
     adapter = session.adapter_for(manifest["model_id"])
-    bit_map = [LayerBits(**b) for b in manifest["bit_map"]] if manifest.get("bit_map") else None
+    bit_map = recorded_bit_map(manifest) if manifest.get("bit_map") else None
     summaries = manifest.get("passes") or {}
     float_passes: list[Any] = []
     for ref in recipe.passes:
@@ -273,7 +292,7 @@ def load(run_dir: str, *, device: str | torch.device = "cpu", session: Any = Non
     """Rebuild the quantized model saved in ``run_dir`` on ``device`` (``ConfigError`` if it is unavailable)."""
     device = resolve_device(device)
     manifest = read_manifest(run_dir)
-    fmt = manifest.get("export", {}).get("format")
+    fmt = (manifest.get("export") or {}).get("format")
     if fmt == "int":
         from quantplug.builtins.exporters import load_packed
 

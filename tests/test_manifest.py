@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from quantplug.api import absolute_spec, apply
+from quantplug.builtins.exporters import is_packed_export
 from quantplug.errors import ArtifactError, ConfigError
 from quantplug.export import load, read_manifest
 from quantplug.testing.data import synthetic_images
@@ -102,3 +103,41 @@ def test_load_on_missing_cuda_is_a_config_error(session, tmp_path) -> None:  # t
     with pytest.raises(ConfigError, match="not a device name"):
         load(str(out), device="gpu", session=session)
     assert load(str(out), device=torch.device("cpu"), session=session) is not None
+
+
+def test_manifest_that_is_not_utf8_is_an_artifact_error(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    run = _manifest_with(tmp_path)
+    (run / "quantplug.json").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ArtifactError, match="is corrupt"):
+        read_manifest(str(run))
+    with pytest.raises(ArtifactError, match="is corrupt"):
+        load(str(run))
+
+
+def test_null_export_section_loads_as_a_run(session, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "r"
+    apply("nearest", "testing:tiny-resnet", session=session, out_dir=str(out), overrides=TINY, eval_samples=16)
+    manifest = json.loads((out / "quantplug.json").read_text())
+    manifest["export"] = None
+    (out / "quantplug.json").write_text(json.dumps(manifest))
+    x = synthetic_images(4, "test", 0).tensors[0]
+    with torch.no_grad():
+        assert torch.equal(load(str(out), session=session)(x), load(str(out), session=session)(x))
+    assert not is_packed_export(out)
+    manifest["export"] = {"format": None}  # same: no format is a run
+    (out / "quantplug.json").write_text(json.dumps(manifest))
+    assert load(str(out), session=session) is not None
+
+
+@pytest.mark.parametrize("bit_map", [
+    [{"junk": 1}],
+    ["x"],
+    [{"name": "stem.conv", "weight_bits": "4", "input_bits": 8}],
+    [{"name": 3, "weight_bits": 4, "input_bits": 8}],
+    [{"name": "stem.conv", "weight_bits": 4, "input_bits": True}],
+])
+def test_malformed_bit_map_entries_give_artifact_errors(tmp_path, bit_map) -> None:  # type: ignore[no-untyped-def]
+    run = _manifest_with(tmp_path, bit_map=bit_map)
+    read_manifest(str(run))  # the list itself is well typed
+    with pytest.raises(ArtifactError, match="bit_map entry 0 .*re-run `quantplug apply`"):
+        load(str(run))

@@ -424,7 +424,7 @@ def is_packed_export(directory: str | os.PathLike[str]) -> bool:
         manifest = read_manifest(os.fspath(directory))
     except ArtifactError:
         return False
-    return manifest.get("export", {}).get("format") == IntExporter.name
+    return (manifest.get("export") or {}).get("format") == IntExporter.name
 
 
 # --------------------------------------------------------------------------- CLI: quantplug export
