@@ -325,6 +325,28 @@ def test_export_refuses_to_overwrite_its_run(runs) -> None:  # type: ignore[no-u
         IntExporter().export(model, run_dir, run_dir)
 
 
+def test_export_refuses_its_run_through_a_link_inside_it_or_around_it(runs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    run_dir, model = runs[("testing:tiny-resnet", 4, 8, "per_channel")]
+    link = tmp_path / "link"
+    link.symlink_to(run_dir)
+    before = sorted(p.name for p in run_dir.iterdir())
+    with pytest.raises(ConfigError, match="run directory itself"):
+        IntExporter().export(model, link, run_dir)  # the link resolves to the --out
+    with pytest.raises(ConfigError, match="run directory itself"):
+        IntExporter().export(model, run_dir, run_dir / ".." / run_dir.name)
+    with pytest.raises(ConfigError, match="inside the run directory"):
+        IntExporter().export(model, run_dir, run_dir / "int")
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    outer = tmp_path / "outer"
+    shutil.copytree(run_dir, outer)  # an earlier run, replaceable as --out, holding the run to export
+    shutil.copytree(run_dir, outer / "inner")
+    with pytest.raises(ConfigError, match="contains the run directory"):
+        IntExporter().export(model, outer / "inner", outer)
+    assert (outer / "inner" / MANIFEST).is_file()
+
+
 # --------------------------------------------------------------------------- CLI
 @pytest.fixture
 def cli_session(monkeypatch: pytest.MonkeyPatch) -> None:

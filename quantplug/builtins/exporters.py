@@ -129,9 +129,23 @@ def unpack_codes(
 
 # --------------------------------------------------------------------------- atomic output
 def check_out_dir(run_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
-    """Refuse to write an export over its own source directory."""
-    if os.path.abspath(os.fspath(run_dir)) == os.path.abspath(os.fspath(out_dir)):
+    """Refuse to write an export over its own source directory, inside it, or around it.
+
+    Paths are compared after resolving symbolic links (``os.path.realpath``; ``os.path.samefile`` when both
+    exist), so a link to the run, or ``run/../run``, counts as the run itself.
+    """
+    run, out = os.path.realpath(os.fspath(run_dir)), os.path.realpath(os.fspath(out_dir))
+    same = run == out
+    if not same and os.path.exists(run) and os.path.exists(out):
+        same = os.path.samefile(run, out)
+    if same:
         raise ConfigError(f"the export directory {out_dir} is the run directory itself; choose another --out")
+    if out.startswith(run.rstrip(os.sep) + os.sep):
+        raise ConfigError(f"the export directory {out_dir} is inside the run directory {run_dir}; choose an --out "
+                          "outside it, e.g. the default RUN-FORMAT next to the run")
+    if run.startswith(out.rstrip(os.sep) + os.sep):
+        raise ConfigError(f"the export directory {out_dir} contains the run directory {run_dir}, which replacing it "
+                          "would delete; choose another --out")
 
 
 def directory_bytes(path: str | os.PathLike[str]) -> dict[str, int]:
