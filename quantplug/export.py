@@ -39,10 +39,11 @@ def check_output_dir(out_dir: str | os.PathLike[str]) -> str:
     """The absolute path of ``out_dir`` if a run may be written there, else a ``ConfigError`` saying what to do.
 
     Allowed: a path that does not exist yet (missing parents are created), an empty directory, or an earlier
-    quantplug output (a directory holding ``quantplug.json``), which is replaced as a whole once the new one is
-    complete. Refused: a file, a symbolic link, a non-empty directory without ``quantplug.json`` (it is not ours
-    to delete), the current working directory or one of its parents, and a parent that is not a writable
-    directory. ``apply`` calls this before loading anything; ``atomic_directory`` again before replacing.
+    quantplug output (a directory whose ``quantplug.json`` is a valid quantplug manifest, ``read_manifest``), which
+    is replaced as a whole once the new one is complete. Refused: a file, a symbolic link, a non-empty directory
+    without a valid ``quantplug.json`` (it is not ours to delete), the current working directory or one of its
+    parents, and a parent that is not a writable directory. ``apply`` calls this before loading anything;
+    ``atomic_directory`` again before replacing.
     """
     raw = os.fspath(out_dir)
     target = os.path.abspath(raw)
@@ -57,10 +58,10 @@ def check_output_dir(out_dir: str | os.PathLike[str]) -> str:
         if not os.path.isdir(target):
             raise ConfigError(f"--out {raw} exists and is a file, not a run directory; choose another --out or "
                               "remove the file")
-        if os.listdir(target) and not os.path.isfile(os.path.join(target, MANIFEST)):
+        if os.listdir(target) and not _is_quantplug_output(target):
             raise ConfigError(f"--out {raw} is a non-empty directory that is not a quantplug output (it has no "
-                              f"{MANIFEST}), and it would be replaced as a whole; choose another --out (a new or "
-                              "empty directory) or remove it yourself")
+                              f"valid {MANIFEST}), and it would be replaced as a whole; choose another --out (a new "
+                              "or empty directory) or remove it yourself")
     ancestor = os.path.dirname(target)
     while not os.path.lexists(ancestor):
         ancestor = os.path.dirname(ancestor)
@@ -71,6 +72,16 @@ def check_output_dir(out_dir: str | os.PathLike[str]) -> str:
         raise ConfigError(f"--out {raw}: cannot write to {ancestor} (permission denied); choose an --out in a "
                           "directory you can write to")
     return target
+
+
+def _is_quantplug_output(directory: str) -> bool:
+    """True when ``directory`` holds a valid quantplug manifest (a run or an export): a file that is merely
+    named ``quantplug.json`` (another tool's, or a broken one) does not make a directory ours to delete."""
+    try:
+        read_manifest(directory)
+    except ArtifactError:
+        return False
+    return True
 
 
 def _umask() -> int:

@@ -39,6 +39,20 @@ def test_non_quantplug_directory_is_refused_before_any_work(session, tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]  # no .old, no temporary, no checkpoint
 
 
+@pytest.mark.parametrize("manifest", ['{"name": "my-app", "version": "1.0"}', "not json", "[]",
+                                      '{"format_version": 1, "model_id": "m", "recipe": {}}'])
+def test_directory_with_a_foreign_quantplug_json_is_refused(session, tmp_path, monkeypatch, manifest) -> None:  # type: ignore[no-untyped-def]
+    """A file merely named ``quantplug.json`` (another tool's, or not a complete manifest) does not make a
+    directory a quantplug output that ``--out`` may delete."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "quantplug.json").write_text(manifest)
+    (project / "notes.txt").write_text("precious\n")
+    _refused(session, project, monkeypatch, "not a quantplug output.*valid quantplug.json.*choose another --out")
+    assert (project / "notes.txt").read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["project"]
+
+
 def test_plain_file_is_refused_and_left_alone(session, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     afile = tmp_path / "afile.txt"
     afile.write_text("keep me\n")
