@@ -263,6 +263,25 @@ def test_manifest_naming_a_missing_file_or_wrong_bits_is_reported(runs, tmp_path
         load_packed(out, session=session)
 
 
+@pytest.mark.parametrize(("edit", "match"), [
+    (lambda m: m["packing"].__setitem__("version", "3"), r"packing.version is '3', not a whole number"),
+    (lambda m: m["packing"].__setitem__("version", True), r"packing.version is True"),
+    (lambda m: m["packing"]["layers"]["layer1.0.conv1"].__setitem__("shape", [1, 2]),
+     r"packing entry of layer 'layer1.0.conv1' is incomplete or corrupt \(shape \[1, 2\] does not hold"),
+    (lambda m: m["packing"]["layers"]["layer1.0.conv1"].__setitem__("kind", "codebook"),
+     r"says layer .layer1.0.conv1. is a lookup-table \(codebook\) layer, but .* has no .layer1.0.conv1.weight_codeb"),
+    (lambda m: m["packing"]["layers"]["layer1.0.conv1"].__setitem__("kind", "lut"),
+     "kind 'lut' is neither 'affine'"),
+])
+def test_hand_edited_packing_entries_are_reported(runs, tmp_path, edit, match) -> None:  # type: ignore[no-untyped-def]
+    out = _export(runs, tmp_path)
+    manifest = json.loads((out / MANIFEST).read_text())
+    edit(manifest)
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match=match):
+        load_packed(out, session=_session())
+
+
 def test_packed_reload_uses_the_runs_bit_map(runs, tmp_path) -> None:  # type: ignore[no-untyped-def]
     # a bit-allocation pass records per-layer widths the recipe alone would not give: the bit map wins
     out = _export(runs, tmp_path)

@@ -328,7 +328,11 @@ def read_packed_state(export_dir: str, manifest: dict[str, Any]) -> dict[str, to
     packing = manifest.get("packing")
     if not isinstance(packing, dict):
         raise ArtifactError(f"{export_dir}/{MANIFEST} has no packing section: it is not a packed-integer export")
-    if packing.get("version", 0) > PACKING_VERSION or packing.get("layout") != PACKING_LAYOUT:
+    version = packing.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ArtifactError(f"{export_dir}/{MANIFEST}: packing.version is {version!r}, not a whole number from 1; "
+                            "the manifest was edited or is corrupt: re-run `quantplug export --format int`")
+    if version > PACKING_VERSION or packing.get("layout") != PACKING_LAYOUT:
         raise ArtifactError(f"{export_dir} uses packing {packing.get('layout')!r} version {packing.get('version')}; "
                             "upgrade quantplug to read it")
     filename = packing.get("file", PACKED_WEIGHTS)
@@ -354,6 +358,10 @@ def read_packed_state(export_dir: str, manifest: dict[str, Any]) -> dict[str, to
             dtype = getattr(torch, str(info["codes_dtype"]))
             if not isinstance(dtype, torch.dtype) or dtype.is_floating_point:
                 raise ValueError(f"codes_dtype {info['codes_dtype']!r} is not an integer dtype")
+            if math.prod(shape) != numel or any(s < 0 for s in shape):
+                raise ValueError(f"shape {info['shape']!r} does not hold its numel {numel}")
+            if info.get("kind", "affine") not in ("affine", "codebook"):
+                raise ValueError(f"kind {info['kind']!r} is neither 'affine' (the default) nor 'codebook'")
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ArtifactError(
                 f"{export_dir}/{MANIFEST}: packing entry of layer {name!r} is incomplete or corrupt ({exc})"
@@ -394,6 +402,13 @@ def load_packed(export_dir: str | os.PathLike[str], *, device: str | torch.devic
             raise ArtifactError(f"{export_dir}: packed layer {name!r} is not a quantized layer of "
                                 f"{manifest['model_id']!r}; the export does not match the model")
         entry = manifest["packing"]["layers"][name]
+        codebook_key = (f"{name}." if name else "") + "weight_codebook"
+        if (entry.get("kind") == "codebook") != (codebook_key in state):
+            said, found = ("a lookup-table (codebook)", "no") if entry.get("kind") == "codebook" else ("an affine", "a")
+            raise ArtifactError(
+                f"{export_dir}: the manifest says layer {name!r} is {said} layer, but {PACKED_WEIGHTS} has {found} "
+                f"{codebook_key!r}; the manifest was edited or is corrupt: re-run `quantplug export --format int`"
+            )
         if entry.get("kind") != "codebook" and (int(entry["bits"]), int(entry["qmin"])) != (
                 layer.weight_spec.bits, layer.weight_spec.qmin):
             raise ArtifactError(
