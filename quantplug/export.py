@@ -26,6 +26,7 @@ from torch import nn
 
 from quantplug.config import Recipe
 from quantplug.errors import ArtifactError, ConfigError
+from quantplug.integrity import check_quant_layers, hardened_record, sha256_file
 from quantplug.tensors import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -172,11 +173,17 @@ def unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_run(model: nn.Module, manifest: dict[str, Any], out_dir: str) -> str:
-    """Write ``out_dir`` atomically: everything goes to a temporary sibling directory, then a rename."""
+    """Write ``out_dir`` atomically: everything goes to a temporary sibling directory, then a rename.
+
+    The manifest gets ``weights``: the SHA-256 of ``model.safetensors`` and, per layer, what was hardened (affine
+    codes or lookup-table indices, and their dtype), which ``load`` verifies (``quantplug.integrity``).
+    """
     with atomic_directory(out_dir) as tmp:
         state = unshared(model.state_dict())
-        save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": "quantplug", "version": str(FORMAT_VERSION)})
-        manifest = {"format_version": FORMAT_VERSION, **manifest}
+        weights = os.path.join(tmp, WEIGHTS)
+        save_file(state, weights, metadata={"format": "quantplug", "version": str(FORMAT_VERSION)})
+        manifest = {"format_version": FORMAT_VERSION, **manifest,
+                    "weights": {"file": WEIGHTS, "sha256": sha256_file(weights), "hardened": hardened_record(model)}}
         with open(os.path.join(tmp, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True, default=str)
     return os.path.abspath(out_dir)
@@ -192,6 +199,7 @@ MANIFEST_FIELDS: dict[str, tuple[tuple[type, ...], bool]] = {
     "bit_map": ((list, type(None)), False),
     "eval_samples": ((int, type(None)), False),
     "export": ((dict, type(None)), False),
+    "weights": ((dict, type(None)), False),
 }
 
 
@@ -234,10 +242,29 @@ def read_manifest(run_dir: str) -> dict[str, Any]:
     return manifest
 
 
-def read_state(run_dir: str) -> dict[str, torch.Tensor]:
+REDO_RUN = "re-run `quantplug apply` to recreate it"
+
+
+def weights_record(manifest: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """The manifest's ``weights`` section (``{}`` for a run saved before it was recorded), type-checked."""
+    record = manifest.get("weights") or {}
+    sha, hardened = record.get("sha256"), record.get("hardened")
+    if (sha is not None and not isinstance(sha, str)) or (hardened is not None and not isinstance(hardened, dict)):
+        raise ArtifactError(f"{os.path.join(run_dir, MANIFEST)}: 'weights' is {record!r}, not {{'sha256': str, "
+                            f"'hardened': {{layer: ...}}}}; the manifest was edited or is corrupt: {REDO_RUN}")
+    return record
+
+
+def read_state(run_dir: str, manifest: dict[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of ``run_dir/model.safetensors``; with ``manifest``, first checked against its recorded SHA-256
+    (a run saved before the hash was recorded has none: nothing to check)."""
     path = os.path.join(run_dir, WEIGHTS)
     if not os.path.isfile(path):
         raise ArtifactError(f"{run_dir} has no {WEIGHTS}; the run directory is incomplete")
+    expected = weights_record(manifest, run_dir).get("sha256") if manifest is not None else None
+    if expected and sha256_file(path) != expected:
+        raise ArtifactError(f"{path} is corrupt or was edited (its SHA-256 does not match the one {MANIFEST} "
+                            f"recorded at save); restore the file from a copy or {REDO_RUN}")
     try:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as exc:
@@ -312,10 +339,12 @@ def load(run_dir: str, *, device: str | torch.device = "cpu", session: Any = Non
         raise ArtifactError(f"{run_dir} is a {fmt!r} export, not a PyTorch run: load it with its runtime (for "
                             "onnx: quantplug_onnx.load_session(dir), an onnxruntime session), or load the run it "
                             "came from")
+    record = weights_record(manifest, run_dir)
     model = build_from_manifest(manifest, device, session)
-    state = read_state(run_dir)
+    state = read_state(run_dir, manifest)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ArtifactError(f"{run_dir}: weights do not match the model {manifest['model_id']!r}: {exc}") from exc
+    check_quant_layers(model, record.get("hardened"), os.path.join(run_dir, WEIGHTS), REDO_RUN)
     return model.to(device).eval()

@@ -37,7 +37,6 @@ layer's ``weight`` parameter is set to its dequantized codes (the full-precision
 from __future__ import annotations
 
 import argparse
-import hashlib
 import inspect
 import json
 import logging
@@ -56,6 +55,7 @@ from quantplug import console
 from quantplug.errors import ArtifactError, ConfigError
 from quantplug.export import MANIFEST, atomic_directory, build_from_manifest, read_manifest, unshared
 from quantplug.hookspecs import hookimpl
+from quantplug.integrity import check_quant_layers, sha256_file
 from quantplug.interfaces import Exporter
 from quantplug.modules import QuantLayer, quant_layers
 
@@ -158,14 +158,6 @@ def directory_bytes(path: str | os.PathLike[str]) -> dict[str, int]:
 def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
     with open(os.path.join(directory, MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, default=str)
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- the int exporter
@@ -298,7 +290,7 @@ class IntExporter(Exporter):
             weights = os.path.join(tmp, PACKED_WEIGHTS)
             save_file(unshared(state), weights, metadata={"format": "quantplug-packed", "version": str(version)})
             out_manifest = {
-                **{k: v for k, v in manifest.items() if k not in ("export", "packing")},
+                **{k: v for k, v in manifest.items() if k not in ("export", "packing", "weights")},
                 "export": {"format": self.name, "source": os.path.abspath(run_dir),
                            "source_export": manifest.get("export")},
                 "packing": {
@@ -444,6 +436,7 @@ def load_packed(export_dir: str | os.PathLike[str], *, device: str | torch.devic
             else:
                 layer.weight.copy_(layer.dequantize_codes(codes))
             layer.invalidate_cache()
+    check_quant_layers(model, None, os.path.join(export_dir, PACKED_WEIGHTS), "re-run `quantplug export --format int`")
     return model.to(device).eval()
 
 

@@ -523,7 +523,7 @@ def export_onnx(config: Any, model: nn.Module | None, run_dir: str, out_dir: str
 
             info["onnxruntime"] = onnxruntime.__version__
         export_manifest = {
-            **{k: v for k, v in manifest.items() if k not in ("export", "packing")},
+            **{k: v for k, v in manifest.items() if k not in ("export", "packing", "weights")},
             "export": {**info, "source": os.path.abspath(run_dir), "config": dataclasses.asdict(config)},
         }
         write_manifest(tmp, export_manifest)
