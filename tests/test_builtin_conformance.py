@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+import torch
+
 from quantplug.builtins.losses import LpLoss
 from quantplug.builtins.observers import (
     ACIQObserver,
@@ -123,3 +126,18 @@ class TestNearestRecipe(RecipeSmoke):
 
 class TestNearestLSQRecipe(RecipeSmoke):
     recipe = "nearest-lsq"
+
+
+def test_recipe_smoke_reload_check_catches_a_run_that_reloads_differently(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from quantplug.api import apply
+    from quantplug.plugins import Session
+
+    session = Session(entry_points=False)
+    result = apply("nearest", "testing:tiny-resnet", session=session, out_dir=str(tmp_path / "run"),
+                   overrides={"calib.num_samples": 32, "calib.batch_size": 32}, eval_samples=16, evaluate_fp=False)
+    smoke = TestNearestRecipe()
+    smoke.check_reload(session, result.model, str(tmp_path / "run"))  # the saved run: identical
+    with torch.no_grad():
+        result.model.get_submodule("head.fc").bias.add_(1e-3)  # the model no longer matches what was saved
+    with pytest.raises(AssertionError, match="reloads with other outputs"):
+        smoke.check_reload(session, result.model, str(tmp_path / "run"))

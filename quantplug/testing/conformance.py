@@ -322,7 +322,25 @@ class RecipeSmoke:
         assert isinstance(result.recipe, Recipe)
         key = next(iter(result.fp_metrics))
         assert result.quant_metrics[key] >= result.fp_metrics[key] - self.max_drop
-        assert (tmp_path / "run" / "quantplug.json").is_file()
+        self.check_reload(session, result.model, str(tmp_path / "run"))
+
+    def check_reload(self, session: Any, model: nn.Module, run_dir: str) -> None:
+        """The saved run reloads (``quantplug.export.load``) to outputs identical to the quantized model's on a
+        test batch of the run's data."""
+        from quantplug.export import load, read_manifest
+
+        manifest = read_manifest(run_dir)
+        adapter = session.adapter_for(self.model_id)
+        data = session.model_data(self.model_id, manifest["data"], "test", num_samples=8)
+        batch = next(iter(torch.utils.data.DataLoader(data, batch_size=8)))
+        device = next(model.parameters()).device
+        inputs, _ = adapter.prepare_batch(batch, device)
+        reloaded = load(run_dir, device=device, session=session)
+        model.eval()
+        with torch.no_grad():
+            expected, got = adapter.forward(model, inputs), adapter.forward(reloaded, inputs)
+        assert torch.equal(got, expected), (
+            f"{run_dir} reloads with other outputs (max |diff| {(got - expected).abs().max().item():.3g})")
 
 
 class ModelPassConformance:
