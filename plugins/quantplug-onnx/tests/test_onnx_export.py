@@ -174,6 +174,22 @@ def test_unsupported_opset_and_bit_width_errors(runs, tmp_path) -> None:  # type
     assert not any(tmp_path.iterdir())
 
 
+def test_codebook_layer_error_names_the_layer(runs, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import copy
+
+    from quantplug.modules import QuantLayer
+
+    run_dir, model = runs["resnet-w4a8"]
+    model = copy.deepcopy(model)
+    layer = model.get_submodule("layer1.0.conv1")
+    assert isinstance(layer, QuantLayer)
+    codebook = torch.linspace(-0.5, 0.5, 16)
+    layer.set_codebook(codebook, (layer.weight.detach() - codebook.view(-1, 1, 1, 1, 1)).abs().argmin(0))
+    with pytest.raises(OnnxExportError, match="layer 'layer1.0.conv1' holds lookup-table .*--format int"):
+        _exporter().export(model, run_dir, tmp_path / "cb", session=_session())
+    assert not any(tmp_path.iterdir())
+
+
 def test_unknown_format_lists_onnx(runs, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr("quantplug.cli._session", _session)
     run_dir, _ = runs["resnet-w4a8"]

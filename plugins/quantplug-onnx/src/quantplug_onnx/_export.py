@@ -165,6 +165,11 @@ class WeightDQ(nn.Module):
         super().__init__()
         spec, q = layer.weight_spec, layer.weight_quantizer
         assert spec is not None and q is not None
+        if layer.has_codebook:
+            raise OnnxExportError(
+                f"layer {where!r} holds lookup-table (codebook) weights (k-means, TTQ), which have no affine integer "
+                "codes: ONNX QDQ cannot carry them; use `quantplug export --format int`, which packs the codebook "
+                "and its indices, or a recipe without lookup-table weights")
         codes = layer.weight_codes if layer.weight_codes is not None else layer.nearest_codes()
         codes = codes.detach().cpu().round().to(torch.int32)
         dtype = _container(spec)
