@@ -127,8 +127,9 @@ class BitPolicy:
     and does not reconstruct the first layer (``set_first_last_layer_to_8bit``, ``ignore_reconstruction``);
     here the stem's output is quantized at the run's activation bits where the next layers read it, and
     the stem is reconstructed like any unit (an override ``(consumer, W, 8)`` on each layer reading the stem's
-    output, W the run's weight bits, keeps that output at 8 bits: ``("layer1.0.conv1", 2, 8)`` on ResNet-18). ``overrides`` are ``(glob pattern on the layer name, weight bits, activation bits)``;
-    a bit value of 0 keeps that tensor in full precision. Later overrides win.
+    output, W the run's weight bits, keeps that output at 8 bits: ``("layer1.0.conv1", 2, 8)`` on ResNet-18).
+    ``overrides`` are ``(glob pattern on the layer name, weight bits, activation bits)``; a bit value of 0 keeps
+    that tensor in full precision. Later overrides win.
     """
 
     first_layer_bits: int | None = 8
