@@ -24,7 +24,8 @@ for dir in ./plugins/quantplug-* ./adapters/quantplug-*; do
   echo "ok: $dir resolves alone (host + its declared dependencies)"
 done
 "${PIP[@]}" install --find-links "$WHEELS" ./plugins/quantplug-qdrop ./adapters/quantplug-torchvision
-"$VENV/bin/quantplug" plugins | grep -q '"quantplug-qdrop"' || { echo "FAIL: qdrop not listed"; exit 1; }
+listed="$("$VENV/bin/quantplug" plugins)"  # whole, then searched: grep -q would close the pipe early
+echo "$listed" | grep -q '"quantplug-qdrop"' || { echo "FAIL: qdrop not listed"; exit 1; }
 out="$("$VENV/bin/quantplug" apply --plugin qdrop zoo:resnet18-fmnist --w-bits 2 --a-bits 4 --data fmnist-subset \
   --calib-samples 64 --eval-samples 200 -o recon.iters=20 -o recon.act_iters=10 --no-save 2>&1)" \
   || { echo "$out"; echo "FAIL: quantplug apply --plugin qdrop in the host-only environment"; exit 1; }

@@ -320,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"quantplug: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader stopped early (``quantplug plugins | head``): nothing failed here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # else the flush at exit fails again
+        return 0
     except Exception as exc:  # unexpected: still one line unless --debug
         if debug:
             raise

@@ -127,3 +127,15 @@ def test_killed_run_resumes_to_the_same_result(tmp_path) -> None:
 
     a, b = load_file(str(ref / "model.safetensors")), load_file(str(out / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_a_reader_that_stops_early_is_not_an_error() -> None:
+    """``quantplug plugins | grep -q X`` closes the pipe once it matches; the CLI used to report
+    ``BrokenPipeError`` and exit 1, which failed a ``set -o pipefail`` script."""
+    proc = subprocess.Popen([sys.executable, "-m", "quantplug.cli", "plugins"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "QUANTPLUG_PROGRESS": "0"})
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the child writes: its first write meets a closed pipe
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Error" not in err and "Traceback" not in err
