@@ -257,9 +257,10 @@ def apply(
     plan = scheduler.plan(blocks)
     ckpt = checkpoint_dir(out_dir) if out_dir else None
     identity = {"model_id": absolute_spec(model_id), "model_options": dict(model_options or {}),
-                "data": absolute_spec(data), "calib_samples": used, "calib_seed": recipe.calib.seed,
-                # the same spec may name other data (a folder whose images changed, a regenerated file)
-                "calib_fingerprint": fingerprint(calib_inputs + calib_targets)}
+                "data": absolute_spec(data), "calib_samples": used, "calib_seed": recipe.calib.seed}
+    if ckpt is not None:  # only a checkpoint is compared with it: hashing the calibration set costs a pass over it
+        # the same spec may name other data (a folder whose images changed, a regenerated file)
+        identity["calib_fingerprint"] = fingerprint(calib_inputs + calib_targets)
     run = RunContext(session, recipe, adapter, fp_model, q_model, blocks, [b[0] for b in shard],
                      [b[1] for b in shard], dev, seed=recipe.calib.seed, checkpoint_dir=ckpt, plan=plan,
                      model_id=model_id, identity=identity)
